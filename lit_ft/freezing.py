@@ -29,18 +29,20 @@ def set_trainable(model: nn.Module, groups: Sequence[LayerGroup], trainable: Ite
 
 
 def set_bn_modes(model: nn.Module, groups: Sequence[LayerGroup], trainable: Iterable[int], train_bn: bool) -> None:
-    """BatchNorm layers of frozen groups go to eval mode (running stats fixed) unless ``train_bn``.
+    """BatchNorm layers of frozen groups in eval mode (running stats fixed) unless ``train_bn``;
+    those of trainable groups follow the model's mode.
 
-    Call after every ``model.train()``: Lightning switches the whole model back to train
-    mode around validation.
+    A pure function of the plan: Lightning restores each submodule's captured mode after
+    validation, so a BN layer frozen earlier must be switched back explicitly when its group
+    unfreezes. Call after every ``model.train()``.
     """
-    if train_bn or not model.training:
+    if not model.training:
         return
     trainable = set(trainable)
     for i, group in enumerate(groups):
-        if i not in trainable:
-            for bn in bn_modules(model, group):
-                bn.eval()
+        on = train_bn or i in trainable
+        for bn in bn_modules(model, group):
+            bn.train(on)
 
 
 def _bn_param_names(model: nn.Module, groups: Sequence[LayerGroup]) -> set[str]:

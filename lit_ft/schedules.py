@@ -251,6 +251,6 @@ def warmup_factor(schedule: FreezeSchedule, group: int, step: int, steps_per_epo
     if w <= 0:
         return 1.0
     start = schedule.unfreeze_step(group, steps_per_epoch)
-    if not start:  # None (never trains) or 0 (trains from the start: the scheduler's warm-up applies)
-        return 1.0
-    return min(1.0, max(0.0, (step - start + 1) / w))
+    if not start or step < start:  # never trains, trains from the start (the scheduler's warm-up
+        return 1.0  # applies), or not unfrozen yet (no gradient, so the factor is moot)
+    return min(1.0, (step - start + 1) / w)

