@@ -158,10 +158,15 @@ def run_dirs_root(cfg: Any) -> str:
     return str(dirs[0].parent) if dirs else "runs/<experiment>"
 
 
-def main(args: ArgsType = None) -> Optional[LitFTCLI]:
-    """Entry point of ``lit-ft`` and ``python -m lit_ft``; callable from tests."""
+def main(args: ArgsType = None, *, return_cli: bool = False) -> Optional[LitFTCLI]:
+    """Entry point of ``lit-ft`` and ``python -m lit_ft``; callable from tests and notebooks.
+
+    Args:
+        args: command-line words (``["fit", "--config", "x.yaml"]``); default ``sys.argv``.
+        return_cli: return the :class:`LitFTCLI` (trainer, model, datamodule) instead of None.
+    """
     try:
-        return LitFTCLI(
+        cli = LitFTCLI(
             ImageClassifier,
             BaseImageDataModule,
             subclass_mode_data=True,
@@ -176,9 +181,24 @@ def main(args: ArgsType = None) -> Optional[LitFTCLI]:
             },
             args=args,
         )
-    except UserError as err:
-        print(f"lit-ft: error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = _find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"lit-ft: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+    return cli if return_cli else None
+
+
+def _find_user_error(err: BaseException) -> Optional[UserError]:
+    """The UserError behind ``err``: jsonargparse and Lightning wrap exceptions raised in our code."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ class BaseImageDataModule(LightningDataModule):
         predict_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
+        train_subset, val_split = _as_count(train_subset), _as_count(val_split)
         _check_options(locals())
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -377,6 +378,13 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+def _as_count(value: Any) -> Any:
+    """YAML/CLI parsing may hand over 15000 as 15000.0: a whole number above 1 is a count."""
+    if isinstance(value, float) and value > 1 and value.is_integer():
+        return int(value)
+    return value
 
 
 def _short(names: list[str], n: int = 8) -> str:

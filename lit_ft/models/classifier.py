@@ -115,7 +115,10 @@ class ImageClassifier(L.LightningModule):
                 "precision": MulticlassPrecision(num_classes, average="macro"),
                 "recall": MulticlassRecall(num_classes, average="macro"),
                 "f1": MulticlassF1Score(num_classes, average="macro"),
-            }
+            },
+            # Explicit groups: torchmetrics' automatic grouping compares states after the first
+            # batch and merges top-k with top-1 metrics when that batch happens to be all correct.
+            compute_groups=[["acc"], [f"acc_top{k}"], ["precision", "recall", "f1"]],
         )
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -321,6 +324,10 @@ class ImageClassifier(L.LightningModule):
     def on_fit_start(self) -> None:
         self.plan_table = self.describe_plan()
         rank_zero_info(self.plan_table)
+        experiment = getattr(self.logger, "experiment", None)
+        if self.trainer.is_global_zero and hasattr(experiment, "add_text"):
+            # Indented lines render as preformatted text in TensorBoard's markdown.
+            experiment.add_text("lit-ft/plan", "\n".join("    " + line for line in self.plan_table.splitlines()), 0)
 
     def describe_plan(self) -> str:
         """A table of layer groups: params, lr, weight decay, when each group starts training."""
@@ -329,7 +336,7 @@ class ImageClassifier(L.LightningModule):
         if self._trainer is not None and self.trainer.optimizers:
             for g in self.trainer.optimizers[0].param_groups:
                 i = g.get("layer_group", 0)
-                lrs.setdefault(i, g["lr"])
+                lrs.setdefault(i, g.get("initial_lr", g["lr"]))  # the peak, not a warm-up's 0
                 wds[i] = max(wds.get(i, 0.0), g.get("weight_decay", 0.0))
         rows = [("group", "params", "lr", "weight_decay", "trains from")]
         for i, g in enumerate(self.groups):

@@ -1,0 +1,59 @@
+"""Shared by the benchmarks: machine description and writing a table into BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import timm
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {gpu}; "
+        f"python {platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}, timm {timm.__version__}"
+    )
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, body: str, command: str) -> None:
+    """Replace (or append) the section `## name` of BENCHMARKS.md."""
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# lit-ft benchmarks\n\nEach section is written by the command it names.\n"
+    stamp = time.strftime("%Y-%m-%d")
+    section = f"## {name}\n\nCommand: `{command}` ({stamp})\n\nMachine: {machine()}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    BENCHMARKS_MD.write_text(text)
+    print(section)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def command() -> str:
+    return "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])

@@ -1,0 +1,134 @@
+"""The CLI as a user runs it: fit/validate/test/predict, configs, resume, errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_ft.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--model.backbone", "test_resnet",
+    "--data", "lit_ft.data.SyntheticDataModule",
+    "--data.image_size", "32",
+    "--data.batch_size", "16",
+    "--data.augment", "false",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+    "--trainer.log_every_n_steps", "2",
+    "--trainer.accelerator", "cpu",
+]
+
+
+def fit(*extra: str, epochs: int = 2):
+    return main(["fit", *TINY, "--trainer.max_epochs", str(epochs), *extra], return_cli=True)
+
+
+def test_fit_learns_an_easy_task_and_saves_config_and_checkpoints():
+    cli = fit("--model.optimizer.lr", "0.003", epochs=3)
+    assert cli.trainer.callback_metrics["val/acc"] > 0.6  # 4 classes: chance is 0.25
+    run = Path(cli.trainer.log_dir)
+    assert run.parent.name == "default"
+    assert (run / "config.yaml").is_file()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["backbone"] == "test_resnet"
+    hparams = yaml.safe_load((run / "hparams.yaml").read_text())
+    assert hparams["num_classes"] == 4  # flowed from the data: written nowhere by the user
+    assert hparams["class_names"] == [f"class_{i}" for i in range(4)]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert list((run / "checkpoints").glob("best-*.ckpt"))
+
+
+def test_validate_test_predict_from_best_and_last_in_a_new_process():
+    fit()
+    for sub in ("validate", "test"):
+        cli = main([sub, *TINY, "--ckpt_path", "best"], return_cli=True)
+        assert f"{'val' if sub == 'validate' else 'test'}/acc" in cli.trainer.callback_metrics
+    cli = main(["predict", *TINY, "--ckpt_path", "last"], return_cli=True)
+    out = Path(cli.trainer.log_dir) / "predictions.csv"
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 64 and set(rows[0]) == {"id", "class", "index", "prob"}
+    assert all(r["class"].startswith("class_") for r in rows)
+    assert all(0 <= float(r["prob"]) <= 1 for r in rows)
+
+
+def test_predict_on_an_image_folder_needs_only_the_checkpoint(tmp_path):
+    from PIL import Image
+
+    cli = fit()
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (40, 40), (60 * i, 30, 200)).save(tmp_path / "imgs" / "sub" / f"{i}.png")
+    out = tmp_path / "p.csv"
+    main([
+        "predict", "--data", "lit_ft.data.ImageFolderDataModule", "--data.predict_dir", str(tmp_path / "imgs"),
+        "--data.image_size", "32", "--ckpt_path", str(ckpt), "--prediction_writer.output", str(out),
+        "--trainer.enable_progress_bar", "false",
+    ])
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(r["id"] for r in rows) == ["sub/0.png", "sub/1.png", "sub/2.png"]
+    assert {r["class"] for r in rows} <= {f"class_{i}" for i in range(4)}  # names from the checkpoint
+
+
+def test_resume_from_last_continues_at_the_right_epoch_in_the_same_run():
+    first = fit(epochs=2)
+    run = Path(first.trainer.log_dir)
+    cli = fit("--ckpt_path", "last", epochs=3)
+    assert Path(cli.trainer.log_dir) == run  # logs continue in the same version directory
+    assert cli.trainer.current_epoch == 3
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3 * 16  # one more epoch of 256 images / batch 16, not a fresh 3 epochs
+
+
+def test_ckpt_alias_without_a_previous_run_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["test", *TINY, "--ckpt_path", "best"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint found for this experiment" in err and "Traceback" not in err
+
+
+def test_print_config_shows_linked_and_default_values(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *TINY, "--print_config"])
+    assert exit_.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["backbone"] == "test_resnet"
+    assert cfg["checkpoint"]["monitor"] == "val/acc"
+
+
+def test_repeated_configs_compose_and_dotted_overrides_win(tmp_path, capsys):
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text("model:\n  backbone: resnet10t\n  layer_decay: 0.5\ntrainer:\n  max_epochs: 5\n")
+    b.write_text("model:\n  layer_decay: 0.7\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(a), "-c", str(b), "--trainer.max_epochs", "1", "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["backbone"] == "resnet10t"  # from a.yaml
+    assert cfg["model"]["layer_decay"] == 0.7  # b.yaml overrides a.yaml
+    assert cfg["trainer"]["max_epochs"] == 1  # the command line overrides both
+
+
+def test_python_m_lit_ft_runs_the_same_cli():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "lit_ft", "fit", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--model.backbone" in proc.stdout and "--model.freeze" in proc.stdout
+
+
+@pytest.mark.parametrize("config", sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml")), ids=str)
+def test_every_config_runs_with_fast_dev_run(config):
+    cli = main(
+        ["fit", "--config", str(ROOT / config), "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false"],
+        return_cli=True,
+    )
+    assert cli.trainer.state.finished
+    assert cli.trainer.global_step == 2
