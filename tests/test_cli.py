@@ -132,3 +132,15 @@ def test_every_config_runs_with_fast_dev_run(config):
     )
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 2
+
+
+def test_a_lit_ft_checkpoint_is_a_weight_source_for_a_new_task():
+    from lit_ft import backbones as B
+
+    cli = fit()
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    model = B.create_backbone("test_resnet", num_classes=7, pretrained=str(ckpt))
+    trained = {k[len("model."):]: v for k, v in cli.model.state_dict().items() if k.startswith("model.")}
+    got = model.state_dict()
+    assert all(torch.equal(got[k], trained[k]) for k in got if not k.startswith("fc."))
+    assert got["fc.weight"].shape[0] == 7

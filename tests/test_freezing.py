@@ -208,3 +208,50 @@ def test_resume_after_unfreeze_matches_uninterrupted_run(tmp_path, plan_factory)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert all(p.requires_grad for p in resumed.model.parameters()) == all(p.requires_grad for p in full.model.parameters())
+
+
+FAMILIES = ["test_efficientnet", "test_convnext", "test_vit", "regnetx_002", "mobilenetv3_small_050"]
+
+
+@pytest.mark.parametrize("backbone", FAMILIES)
+def test_gradual_plan_on_each_family(backbone, tmp_path):
+    """Frozen groups (weights and norm statistics) bit-identical, trained ones moved, per family."""
+    model = tiny_model(backbone, freeze=Gradual(every=1, start=2))
+    n = len(model.groups)
+    before = snapshot(model)
+    rec = RecordTrainable()
+    trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1, callbacks=[rec]).fit(model, tiny_data())
+    assert rec.by_epoch == {0: frozenset({n - 2, n - 1}), 1: frozenset({n - 3, n - 2, n - 1})}
+    for i in range(n):
+        pairs = _group_tensors(model, before, i)
+        if i >= n - 3:
+            assert any(not torch.equal(a, b) for a, b in pairs.values()), model.groups[i].name
+        else:
+            for k, (a, b) in pairs.items():
+                assert torch.equal(a, b), f"{backbone}: frozen {k} changed"
+
+
+@pytest.mark.parametrize(
+    "make_sched",
+    [
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=16),
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=3),
+    ],
+    ids=["onecycle", "warm_restarts"],
+)
+def test_group_lr_ratios_hold_during_training(make_sched, tmp_path):
+    model = tiny_model(freeze=FreezeUnfreeze(epochs=1), layer_decay=0.5, lr_mult={"stem": 0.1}, lr_scheduler=make_sched)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            groups = {g["name"]: g["lr"] for g in optimizer.param_groups}
+            seen.append(groups)
+
+    trainer(tmp_path, max_epochs=2, callbacks=[Spy()]).fit(model, tiny_data())
+    n = len(model.groups)
+    assert len({round(s["head"], 10) for s in seen}) >= 3  # the schedule moved
+    for s in seen:
+        assert s["stem"] / s["head"] == pytest.approx(0.1 * 0.5 ** (n - 1))
+        assert s["layer4"] / s["head"] == pytest.approx(0.5)
+        assert s["layer4/no_decay"] == s["layer4"]

@@ -134,9 +134,14 @@ class ImageClassifier(L.LightningModule):
         # Soft targets (B, C) come from mixup/cutmix; hard targets (B,) otherwise.
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features before pooling: (B, C, h, w) for CNNs, (B, N, D) for ViTs."""
+        return self.model.forward_features(x.contiguous(memory_format=self.memory_format))
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
+        feats = self.features(x)
+        logits = self.model.forward_head(feats)  # (B, num_classes)
         loss = self._loss(logits, y)
         hard = y.argmax(-1) if y.ndim == 2 else y
         self.train_acc(logits.detach(), hard)
