@@ -314,13 +314,22 @@ class BaseImageDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; the order is reproducible from ``seed``."""
         dataset = self._require(self.train_dataset, "train", "fit")
-        return self._loader(dataset, self.batch_size, shuffle=True)
+        return self._loader(self._maybe_cached("train", dataset), self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> Union[DataLoader, list]:
         """Validation batches, or ``[]`` (Lightning then skips validation) when there is none."""
         if self.val_dataset is None:
             return []
-        return self._loader(self.val_dataset, self._eval_batch_size, shuffle=False)
+        return self._loader(self._maybe_cached("val", self.val_dataset), self._eval_batch_size, shuffle=False)
+
+    def _maybe_cached(self, split: str, dataset: Any) -> Any:
+        """The model's cached features for ``dataset`` during a cached linear probe, else ``dataset``."""
+        trainer = getattr(self, "trainer", None)
+        module = trainer.lightning_module if trainer is not None else None
+        if module is None or not hasattr(module, "cached_dataset") or trainer.state.fn != "fit":
+            return dataset
+        cached = module.cached_dataset(split, dataset, self)
+        return dataset if cached is None else cached
 
     def test_dataloader(self) -> DataLoader:
         """Test batches."""
@@ -359,7 +368,7 @@ class BaseImageDataModule(LightningDataModule):
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=False,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            collate_fn=collate_with_ids if dataset.with_ids else None,
+            collate_fn=collate_with_ids if getattr(dataset, "with_ids", False) else None,
         )
 
 

@@ -21,6 +21,7 @@ from lit_ft import optim as O
 from lit_ft.errors import UserError
 from lit_ft.freezing import set_bn_modes, set_trainable
 from lit_ft.schedules import FreezeSchedule, Full, warmup_factor
+from lit_ft.weights import classifier_keys
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,16 @@ class ImageClassifier(L.LightningModule):
             replacing the optimizer's lr (fastai ``slice``).
         no_decay_norm_bias: no weight decay on biases, norm weights and tokens.
         top_k: the k of the top-k accuracy metric.
+        cache_features: while the plan trains only the head (LinearProbe, the first phase of
+            FreezeUnfreeze/LPFT), run the frozen backbone once and train the head on cached
+            pre-logits. Needs deterministic training inputs (``data.augment: false``) unless
+            ``cache_views`` > 0. The checkpoint is an ordinary full model.
+        cache_views: with augmentation on, cache this many fixed augmented views of the training
+            set (epoch e uses view e % cache_views); 0 = only cache deterministic inputs.
+        feature_cache_dir: also keep cached features on disk here (keyed by backbone weights,
+            images and transform), so a second run reuses them.
+        compile: ``torch.compile`` the backbone.
+        grad_checkpointing: timm's activation checkpointing (less memory, ~30% more compute).
         channels_last: NHWC memory format (faster convolutions on CPU and tensor cores).
     """
 
@@ -76,6 +87,11 @@ class ImageClassifier(L.LightningModule):
         lr_range: Optional[tuple[float, float]] = None,
         no_decay_norm_bias: bool = True,
         top_k: int = 5,
+        cache_features: bool = False,
+        cache_views: int = 0,
+        feature_cache_dir: Optional[str] = None,
+        compile: bool = False,
+        grad_checkpointing: bool = False,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -99,6 +115,16 @@ class ImageClassifier(L.LightningModule):
         self.model = B.create_backbone(backbone, num_classes, pretrained, drop_rate, drop_path_rate)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
+        if grad_checkpointing:
+            if not hasattr(self.model, "set_grad_checkpointing"):
+                raise UserError(f"{backbone} does not support gradient checkpointing", "set grad_checkpointing: false")
+            self.model.set_grad_checkpointing(True)
+        if cache_views < 0:
+            raise UserError(f"cache_views must be >= 0, got {cache_views}", "0 = deterministic inputs only")
+        from lit_ft.features import FeatureStore
+
+        self.feature_store = FeatureStore(feature_cache_dir) if cache_features else None
+        self._warned_no_cache = False
         self.data_config = B.data_config(self.model)
         self.groups = B.layer_groups(self.model, group_granularity)
         self.freeze = (freeze or Full()).bind([g.name for g in self.groups])
@@ -127,21 +153,33 @@ class ImageClassifier(L.LightningModule):
         self._restarted_at: Optional[int] = None  # lp_ft: epoch whose schedule restart is done
 
     # ------------------------------------------------------------------ forward / steps
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, num_classes)
-        return self.model(x.contiguous(memory_format=self.memory_format))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) or cached (B, D) -> (B, num_classes)
+        return self.head(self.features(x))
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # Soft targets (B, C) come from mixup/cutmix; hard targets (B,) otherwise.
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features before pooling: (B, C, h, w) for CNNs, (B, N, D) for ViTs."""
+        """Backbone features before pooling: (B, C, h, w) for CNNs, (B, N, D) for ViTs.
+
+        Cached pre-logits (B, D) from a cached-feature linear probe pass through unchanged.
+        """
+        if x.ndim == 2:
+            return x
         return self.model.forward_features(x.contiguous(memory_format=self.memory_format))
+
+    def head(self, feats: torch.Tensor) -> torch.Tensor:
+        """Logits from :meth:`features` (timm ``forward_head``); (B, D) pre-logits go to the classifier."""
+        if feats.ndim == 2:  # cached pre-logits: only the head's dropout and classifier remain
+            drop = float(getattr(self.model, "drop_rate", 0.0) or 0.0)
+            return self.model.get_classifier()(F.dropout(feats, drop, self.training))
+        return self.model.forward_head(feats)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         feats = self.features(x)
-        logits = self.model.forward_head(feats)  # (B, num_classes)
+        logits = self.head(feats)  # (B, num_classes)
         loss = self._loss(logits, y)
         hard = y.argmax(-1) if y.ndim == 2 else y
         self.train_acc(logits.detach(), hard)
@@ -237,12 +275,64 @@ class ImageClassifier(L.LightningModule):
         # look for unused parameters while anything trainable is frozen.
         ever = self.freeze.ever_trainable()
         set_trainable(self.model, self.groups, ever, self.freeze.train_bn)
+        if self.feature_store is not None and (ever != self.freeze.trainable(0, 0) or self.hparams.cache_views > 1):
+            # Rebuild the loaders each epoch so a phase change (FreezeUnfreeze, LPFT) switches back
+            # to images and each epoch gets its augmented view; cached features make this cheap.
+            self.trainer.reload_dataloaders_every_n_epochs = 1
+        if self.hparams.compile:
+            # Compiling the bound methods leaves state_dict keys untouched (no `_orig_mod.`).
+            self.model.forward_features = torch.compile(self.model.forward_features)
+            self.model.forward_head = torch.compile(self.model.forward_head)
         strategy = self.trainer.strategy
         phases = ever != self.freeze.trainable(0, 0)
         if phases and hasattr(strategy, "_ddp_kwargs"):
             if not strategy._ddp_kwargs.get("find_unused_parameters", False):
                 rank_zero_info("lit-ft: freeze plan changes mid-run; DDP set to find_unused_parameters=True")
                 strategy._ddp_kwargs["find_unused_parameters"] = True
+
+    # ------------------------------------------------------------------ cached-feature linear probe
+    def caches_features_at(self, epoch: int) -> bool:
+        """True if this epoch trains the head alone on a frozen backbone, with caching on."""
+        if self.feature_store is None or self.freeze.train_bn:
+            return False
+        head = frozenset({len(self.groups) - 1})
+        spe = self._steps_per_epoch() if self._trainer is not None else 1
+        # The whole epoch must be head-only (a step-unit plan may unfreeze mid-epoch).
+        return self.freeze.trainable(epoch, epoch * spe) == head and self.freeze.trainable(epoch, (epoch + 1) * spe - 1) == head
+
+    def cached_dataset(self, split: str, dataset: Any, datamodule: Any) -> Any:
+        """A :class:`~lit_ft.features.FeatureDataset` standing in for ``dataset``, or None.
+
+        Called by lit-ft datamodules when they build the train/val dataloaders.
+        """
+        from lit_ft.features import FeatureDataset, backbone_fingerprint, dataset_fingerprint, extract_pre_logits
+
+        epoch = self.trainer.current_epoch
+        if not self.caches_features_at(epoch) or split not in ("train", "val"):
+            return None
+        views = self.hparams.cache_views
+        augmenting = split == "train" and getattr(datamodule, "augment", False)
+        if augmenting and views == 0:
+            if not self._warned_no_cache:
+                rank_zero_info(
+                    "lit-ft: cache_features is on but training inputs are augmented, so features are not "
+                    "cached; set data.augment: false, or model.cache_views: N for N fixed augmented views"
+                )
+                self._warned_no_cache = True
+            return None
+        view = epoch % views if augmenting else 0
+        head_keys = set(classifier_keys(self.model))
+        key = "-".join(
+            (self.hparams.backbone, backbone_fingerprint(self.model, head_keys)[:16], dataset_fingerprint(dataset)[:16], f"v{view}")
+        )
+        seed = getattr(datamodule, "seed", 0) * 1000 + view if augmenting else None
+        feats, targets = self.feature_store.get(
+            key,
+            lambda: extract_pre_logits(
+                self.model, dataset, datamodule._eval_batch_size, getattr(datamodule, "num_workers", 0), seed
+            ),
+        )
+        return FeatureDataset(feats, targets)
 
     def current_trainable(self) -> frozenset[int]:
         return self.freeze.trainable(self.current_epoch, self.global_step)
@@ -358,3 +448,4 @@ class ImageClassifier(L.LightningModule):
         lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
         lines.insert(1, "-+-".join("-" * w for w in widths))
         return f"lit-ft plan: {self.freeze!r}\n" + "\n".join(lines)
+

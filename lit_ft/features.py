@@ -1,0 +1,149 @@
+"""Cached-feature linear probing: run the frozen backbone once, train the head on its outputs.
+
+While a freeze plan trains only the head (with the backbone's BatchNorm frozen), the
+backbone is a fixed function: its pre-logits for a deterministic input never change, so
+computing them once and training the classifier on them gives the same result as running
+the backbone every epoch, at a fraction of the cost. With augmentation on, the user may
+accept a fixed set of augmented *views* instead (``cache_views``), each computed once.
+
+Features live in memory and, with ``feature_cache_dir``, on disk under a key made of the
+backbone's weights, the exact images and the transform, so a second run reuses them and a
+change to any of those recomputes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+
+class FeatureDataset(Dataset):
+    """``(pre_logits (D,), target)`` pairs: a drop-in for an image dataset during a linear probe."""
+
+    with_ids = False
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        assert len(features) == len(targets)
+        self.features = features  # (N, D) float32
+        self.targets_t = targets  # (N,) int64
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.targets_t.numpy()
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.features[i], int(self.targets_t[i])
+
+
+@torch.inference_mode()
+def extract_pre_logits(
+    model: nn.Module, dataset: Dataset, batch_size: int, num_workers: int = 0, seed: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-logits (timm ``forward_head(pre_logits=True)``) of every item, in dataset order.
+
+    Runs in eval mode. ``seed`` fixes the RNG of random (augmenting) transforms.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    fmt = torch.channels_last if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) else None
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    rng_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)  # main-process transforms draw from the global RNG
+    feats, targets = [], []
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=generator)
+        for x, y in loader:
+            x = x.to(device)
+            if fmt is not None:
+                x = x.contiguous(memory_format=fmt)
+            f = model.forward_head(model.forward_features(x), pre_logits=True)  # (B, D)
+            feats.append(f.float().cpu())
+            targets.append(torch.as_tensor(y))
+    finally:
+        torch.random.set_rng_state(rng_state)
+        model.train(was_training)
+    return torch.cat(feats), torch.cat(targets).long()
+
+
+def fingerprint(*parts: object) -> str:
+    """sha1 over strings, numpy arrays and tensors (by content)."""
+    h = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            t = part.detach().cpu().contiguous()
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(part, np.ndarray):
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(repr(part).encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def backbone_fingerprint(model: nn.Module, exclude: set[str]) -> str:
+    """Content hash of the weights and buffers that shape the pre-logits (the classifier excluded)."""
+    sd = model.state_dict()
+    return fingerprint(*[(k, sd[k]) for k in sorted(sd) if k not in exclude])
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """Content hash of a lit-ft image dataset: its source's images, the chosen indices, the transform."""
+    source = getattr(dataset, "source", None)
+    parts: list[object] = [type(source).__name__, repr(getattr(dataset, "transform", None))]
+    if hasattr(source, "images"):
+        parts.append(source.images)
+    elif hasattr(source, "paths"):
+        parts.append([(str(p), os.path.getsize(p), os.path.getmtime(p)) for p in source.paths])
+    else:
+        parts.append(len(dataset))
+    parts.append(getattr(dataset, "indices", np.arange(len(dataset))))
+    return fingerprint(*parts)
+
+
+class FeatureStore:
+    """In-memory (and optionally on-disk) cache of extracted features, keyed by content."""
+
+    def __init__(self, directory: Optional[str] = None) -> None:
+        self.directory = Path(directory).expanduser() if directory else None
+        self._memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.hits = {"memory": 0, "disk": 0, "computed": 0}
+
+    def get(self, key: str, compute) -> tuple[torch.Tensor, torch.Tensor]:
+        if key in self._memory:
+            self.hits["memory"] += 1
+            return self._memory[key]
+        path = self.directory / f"{key}.pt" if self.directory else None
+        if path is not None and path.is_file():
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True)
+                self._memory[key] = (data["features"], data["targets"])
+                self.hits["disk"] += 1
+                log.info("lit-ft: reusing cached features %s", path)
+                return self._memory[key]
+            except Exception as err:  # a damaged cache file is recomputed, never trusted
+                log.warning("lit-ft: ignoring unreadable feature cache %s (%s)", path, err)
+        value = compute()
+        self.hits["computed"] += 1
+        self._memory[key] = value
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"features": value[0], "targets": value[1]}, tmp)
+            os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache file
+        return value
