@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -50,11 +50,17 @@ class FeatureDataset(Dataset):
 
 @torch.inference_mode()
 def extract_pre_logits(
-    model: nn.Module, dataset: Dataset, batch_size: int, num_workers: int = 0, seed: Optional[int] = None
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    seed: Optional[int] = None,
+    batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-logits (timm ``forward_head(pre_logits=True)``) of every item, in dataset order.
 
-    Runs in eval mode. ``seed`` fixes the RNG of random (augmenting) transforms.
+    Runs in eval mode. ``seed`` fixes the RNG of random (augmenting) transforms;
+    ``batch_transform`` is applied on the device to each batch (for raw uint8 datasets).
     """
     was_training = model.training
     model.eval()
@@ -69,6 +75,8 @@ def extract_pre_logits(
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=generator)
         for x, y in loader:
             x = x.to(device)
+            if batch_transform is not None:
+                x = batch_transform(x)
             if fmt is not None:
                 x = x.contiguous(memory_format=fmt)
             f = model.forward_head(model.forward_features(x), pre_logits=True)  # (B, D)

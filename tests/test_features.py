@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 
 from lit_ft import ImageClassifier
@@ -18,18 +19,20 @@ class BatchKinds(L.Callback):
         self.kinds.setdefault(trainer.current_epoch, "features" if batch[0].ndim == 2 else "images")
 
 
-def _probe(tmp_path, cache, **kw):
+def _probe(tmp_path, cache, data_kw=None, **kw):
     L.seed_everything(0)
     model = tiny_model(freeze=LinearProbe(), cache_features=cache, **kw)
     kinds = BatchKinds()
     t = trainer(tmp_path, max_epochs=3, callbacks=[kinds])
-    t.fit(model, tiny_data())
+    t.fit(model, tiny_data(**(data_kw or {})))
     return model, t, kinds.kinds
 
 
-def test_cached_probe_matches_rerunning_the_frozen_backbone(tmp_path):
-    plain, t_plain, k_plain = _probe(tmp_path / "a", cache=False)
-    cached, t_cached, k_cached = _probe(tmp_path / "b", cache=True)
+@pytest.mark.parametrize("batch_transforms", [False, True], ids=["pil", "batch_transforms"])
+def test_cached_probe_matches_rerunning_the_frozen_backbone(tmp_path, batch_transforms):
+    data_kw = {"batch_transforms": batch_transforms}
+    plain, t_plain, k_plain = _probe(tmp_path / "a", cache=False, data_kw=data_kw)
+    cached, t_cached, k_cached = _probe(tmp_path / "b", cache=True, data_kw=data_kw)
     assert set(k_plain.values()) == {"images"} and set(k_cached.values()) == {"features"}
     a, b = snapshot(plain), snapshot(cached)
     for k in a:

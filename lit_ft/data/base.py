@@ -15,6 +15,7 @@ from lit_ft.data.datasets import FileSource, ImageSource, TransformedDataset, co
 from lit_ft.data.images import IMAGE_EXTENSIONS
 from lit_ft.data.scan import BadImages, list_files, report_ignored, verify_images
 from lit_ft.data.splits import count_for, split_off, stratified_sample
+from lit_ft.data.batch_transforms import BatchTransform, RawUint8
 from lit_ft.data.transforms import Augmentation, ImageTransform, check_auto_augment, resolve_data_config
 from lit_ft.errors import UserError
 
@@ -71,6 +72,10 @@ class BaseImageDataModule(LightningDataModule):
             it is the class list (e.g. to name predictions).
         predict_dir: folder of images (searched recursively) to predict on; ``None`` predicts
             on the test split.
+        batch_transforms: for in-memory datasets (torchvision/synthetic), ship raw uint8 batches
+            and resize, crop, flip and normalise the whole batch on the training device
+            (supports ``scale``, ``ratio``, ``hflip``, ``vflip``), so the CPU image pipeline is
+            not the bottleneck on a GPU.
     """
 
     # Which files count as images in predict_dir and what happens to unreadable ones;
@@ -106,6 +111,7 @@ class BaseImageDataModule(LightningDataModule):
         grayscale_to_rgb: bool = True,
         class_names: Optional[list[str]] = None,
         predict_dir: Optional[str] = None,
+        batch_transforms: bool = False,
     ) -> None:
         super().__init__()
         train_subset, val_split = _as_count(train_subset), _as_count(val_split)
@@ -130,6 +136,13 @@ class BaseImageDataModule(LightningDataModule):
         self.augment = augment
         self.grayscale_to_rgb = grayscale_to_rgb
         self.predict_dir = predict_dir
+        self.batch_transforms = batch_transforms
+        if batch_transforms and (auto_augment or color_jitter or re_prob):
+            raise UserError(
+                "batch_transforms supports scale, ratio, hflip and vflip only, not auto_augment, color_jitter or re_prob",
+                "drop those options or set batch_transforms: false",
+            )
+        self._batch_tf: dict[str, Any] = {}
         self._class_names_arg = list(class_names) if class_names is not None else None
         self._classes: Optional[list[str]] = None
         self._model_data_config: Optional[dict[str, Any]] = None
@@ -286,6 +299,13 @@ class BaseImageDataModule(LightningDataModule):
         self._resolved = self.resolved_data_config
         eval_tf = ImageTransform(self._resolved, None, self.grayscale_to_rgb)
         train_tf = ImageTransform(self._resolved, self.augmentation, self.grayscale_to_rgb) if self.augment else eval_tf
+        if self.batch_transforms:
+            # Datasets yield raw uint8; on_after_batch_transfer does the rest on the device.
+            self._batch_tf = {
+                "eval": BatchTransform(self._resolved, None, self.grayscale_to_rgb),
+                "train": BatchTransform(self._resolved, self.augmentation if self.augment else None, self.grayscale_to_rgb),
+            }
+            eval_tf = train_tf = RawUint8()
         if stage in ("fit", None):
             self.train_dataset = self._dataset("train", train_tf)
             if self.train_dataset is None and stage == "fit":
@@ -302,6 +322,13 @@ class BaseImageDataModule(LightningDataModule):
             self.predict_dataset = self._dataset("predict", eval_tf)
             if self.predict_dataset is None and stage == "predict":
                 raise UserError(f"{type(self).__name__} has nothing to predict on", "set predict_dir to a folder of images")
+        if self.batch_transforms:
+            for ds in (self.train_dataset, self.val_dataset, self.test_dataset, self.predict_dataset):
+                if ds is not None and not hasattr(ds.source, "raw"):
+                    raise UserError(
+                        f"batch_transforms needs images held in memory, but {type(self).__name__} reads files",
+                        "use it with TorchvisionDataModule or SyntheticDataModule, or set batch_transforms: false",
+                    )
         sizes = {
             name: len(ds)
             for name, ds in (("train", self.train_dataset), ("val", self.val_dataset),
@@ -321,6 +348,19 @@ class BaseImageDataModule(LightningDataModule):
         if self.val_dataset is None:
             return []
         return self._loader(self._maybe_cached("val", self.val_dataset), self._eval_batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``batch_transforms``, turn raw uint8 batches into model inputs on the device."""
+        if not self._batch_tf:
+            return batch
+        x, rest = batch
+        trainer = getattr(self, "trainer", None)
+        training = trainer is not None and trainer.training
+        return self.batch_transform("train" if training else "eval")(x), rest
+
+    def batch_transform(self, kind: str) -> Any:
+        """The on-device transform for ``train``/``eval`` batches (identity without ``batch_transforms``)."""
+        return self._batch_tf.get(kind, lambda x: x)
 
     def _maybe_cached(self, split: str, dataset: Any) -> Any:
         """The model's cached features for ``dataset`` during a cached linear probe, else ``dataset``."""

@@ -93,6 +93,11 @@ class ArraySource:
     def image(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index].numpy())
 
+    def raw(self, index: int) -> torch.Tensor:
+        """The stored uint8 image as (C, H, W)."""
+        img = self.images[index]
+        return img.unsqueeze(0) if img.ndim == 2 else img.permute(2, 0, 1)
+
     def sample_id(self, index: int) -> str:
         return str(index)
 
@@ -131,7 +136,10 @@ class TransformedDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int | str]:
         index = int(self.indices[i])
-        img = self.transform(self.source.image(index))
+        if getattr(self.transform, "raw", False):
+            img = self.source.raw(index)  # uint8 (C, H, W), transformed later on the whole batch
+        else:
+            img = self.transform(self.source.image(index))
         if self.with_ids:
             return img, self.source.sample_id(index)
         return img, int(self.source.targets[index])

@@ -38,7 +38,10 @@ class ImageClassifier(L.LightningModule):
         class_names: class names, stored in checkpoints so ``predict`` needs no dataset.
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth rate (models that support it).
-        label_smoothing: cross-entropy label smoothing.
+        label_smoothing: cross-entropy label smoothing (also applied to mixup's soft targets).
+        regularizers: loss-side regularizers (``lit_ft.regularizers``): L2SP, DELTA, BSS, L1, L2;
+            each term is added to the training loss and logged as ``reg/<name>``.
+        mixup: mixup/CutMix of training batches (``lit_ft.regularizers.Mixup``).
         optimizer: any torch optimizer (``class_path`` + ``init_args`` in YAML); its ``lr`` is
             the base learning rate that the per-group scales multiply.
         lr_scheduler: any torch LR scheduler, or ``lit_ft.optim.WarmupCosineLR``.
@@ -76,6 +79,8 @@ class ImageClassifier(L.LightningModule):
         drop_rate: float = 0.0,
         drop_path_rate: Optional[float] = None,
         label_smoothing: float = 0.0,
+        regularizers: Optional[list[Regularizer]] = None,
+        mixup: Optional[Mixup] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
@@ -98,7 +103,9 @@ class ImageClassifier(L.LightningModule):
         # Under the CLI the hparams are the parsed config (plain data). From Python, callables and
         # plan objects are left out so checkpoints stay loadable with weights_only=True.
         from_cli = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(ignore=None if from_cli else ["optimizer", "lr_scheduler", "freeze"])
+        self.save_hyperparameters(
+            ignore=None if from_cli else ["optimizer", "lr_scheduler", "freeze", "regularizers", "mixup"]
+        )
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise UserError(
                 f"num_classes={num_classes} but {len(class_names)} class names were given",
@@ -128,6 +135,13 @@ class ImageClassifier(L.LightningModule):
         self.data_config = B.data_config(self.model)
         self.groups = B.layer_groups(self.model, group_granularity)
         self.freeze = (freeze or Full()).bind([g.name for g in self.groups])
+        # Regularizers capture their starting points now, from the pretrained weights; a resumed
+        # run then gets the original ones back from the checkpoint (buffers of this module).
+        self.regularizers = nn.ModuleList(regularizers or [])
+        for reg in self.regularizers:
+            reg.bind(self)
+        self.reg_names = _unique_names([reg.name for reg in self.regularizers])
+        self.mixup = mixup
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         # Validate LR options now, not at the first training step.
@@ -187,17 +201,19 @@ class ImageClassifier(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
         return loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> dict:
+        # The logits go to callbacks' on_validation_batch_end (confusion matrix, mistakes).
+        return {"logits": self._eval_step(batch, self.val_metrics, "val")}
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
 
-    def _eval_step(self, batch: Any, metrics: MetricCollection, stage: str) -> None:
+    def _eval_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
         metrics.update(logits, y)
+        return logits  # (B, num_classes)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics)
@@ -329,7 +345,12 @@ class ImageClassifier(L.LightningModule):
         feats, targets = self.feature_store.get(
             key,
             lambda: extract_pre_logits(
-                self.model, dataset, datamodule._eval_batch_size, getattr(datamodule, "num_workers", 0), seed
+                self.model,
+                dataset,
+                datamodule._eval_batch_size,
+                getattr(datamodule, "num_workers", 0),
+                seed,
+                getattr(datamodule, "batch_transform", lambda kind: None)("train" if augmenting else "eval"),
             ),
         )
         return FeatureDataset(feats, targets)
