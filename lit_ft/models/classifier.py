@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import Any, Literal, Optional, Union
@@ -20,6 +21,7 @@ from lit_ft import backbones as B
 from lit_ft import optim as O
 from lit_ft.errors import UserError
 from lit_ft.freezing import set_bn_modes, set_trainable
+from lit_ft.regularizers import Mixup, Regularizer, StepOutputs, unique_names
 from lit_ft.schedules import FreezeSchedule, Full, warmup_factor
 from lit_ft.weights import classifier_keys
 
@@ -140,7 +142,7 @@ class ImageClassifier(L.LightningModule):
         self.regularizers = nn.ModuleList(regularizers or [])
         for reg in self.regularizers:
             reg.bind(self)
-        self.reg_names = _unique_names([reg.name for reg in self.regularizers])
+        self.reg_names = unique_names([reg.name for reg in self.regularizers])
         self.mixup = mixup
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -191,15 +193,36 @@ class ImageClassifier(L.LightningModule):
         return self.model.forward_head(feats)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        feats = self.features(x)
+        x, y = batch  # y: hard labels (B,); train accuracy always uses them
+        x, targets = self._mix(x, y, batch_idx) if self.mixup is not None else (x, y)
+        with contextlib.ExitStack() as hooks:  # e.g. DELTA hooks the feature maps of this pass
+            for reg in self.regularizers:
+                hooks.enter_context(reg.capture(self))
+            feats = self.features(x)
         logits = self.head(feats)  # (B, num_classes)
-        loss = self._loss(logits, y)
+        loss = self._loss(logits, targets)
+        if len(self.regularizers):
+            self.log("train/task_loss", loss)
+            out = StepOutputs(x=x, y=targets, feats=feats, logits=logits, loss=loss)
+            for name, reg in zip(self.reg_names, self.regularizers):
+                term = reg.penalty(self, out)
+                self.log(f"reg/{name}", term.detach())
+                loss = loss + term
         hard = y.argmax(-1) if y.ndim == 2 else y
         self.train_acc(logits.detach(), hard)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
         return loss
+
+    def _mix(self, x: torch.Tensor, y: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup/CutMix images and targets while the Mixup option is active; logs ``reg/mixup`` (1 = on)."""
+        assert self.mixup is not None
+        # Cached pre-logits (B, D) of a linear-probe phase are not images: they stay unmixed.
+        on = self.mixup.active(self.current_epoch) and x.ndim == 4 and y.ndim == 1
+        self.log("reg/mixup", float(on), on_step=True, on_epoch=False)
+        if not on:
+            return x, y
+        return self.mixup(x, y, self.num_classes, epoch=self.current_epoch, batch=batch_idx, rank=self.global_rank)
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict:
         # The logits go to callbacks' on_validation_batch_end (confusion matrix, mistakes).
