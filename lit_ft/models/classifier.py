@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import time
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
@@ -119,6 +120,8 @@ class ImageClassifier(L.LightningModule):
                 "the number of classes is unknown",
                 "give the data a train folder/dataset (classes flow from it), or set model.num_classes",
             )
+        if num_classes < 2:  # torchmetrics (and classification itself) need two classes
+            raise UserError(f"only one class ({class_names[0] if class_names else 0}): a classifier needs at least 2", "add a folder per class")
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.model = B.create_backbone(backbone, num_classes, pretrained, drop_rate, drop_path_rate)
@@ -167,6 +170,9 @@ class ImageClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self._applied: Optional[frozenset[int]] = None  # derived cache, never checkpointed
         self._restarted_at: Optional[int] = None  # lp_ft: epoch whose schedule restart is done
+        self.images_seen = 0  # training images through the loop (checkpointed, so resume counts on)
+        self._fit_started = 0.0
+        self._fit_elapsed_before = 0.0  # training seconds of earlier (resumed-from) runs
 
     # ------------------------------------------------------------------ forward / steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) or cached (B, D) -> (B, num_classes)
@@ -349,6 +355,9 @@ class ImageClassifier(L.LightningModule):
         epoch = self.trainer.current_epoch
         if not self.caches_features_at(epoch) or split not in ("train", "val"):
             return None
+        limit = self.trainer.limit_train_batches if split == "train" else self.trainer.limit_val_batches
+        if self.trainer.fast_dev_run or limit != 1.0:
+            return None  # a smoke run or a partial epoch: extracting every image would cost more than it saves
         views = self.hparams.cache_views
         augmenting = split == "train" and getattr(datamodule, "augment", False)
         if augmenting and views == 0:
@@ -394,6 +403,15 @@ class ImageClassifier(L.LightningModule):
         if mode and self._applied is not None:
             set_bn_modes(self.model, self.groups, self._applied, self.freeze.train_bn)
         return self
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.images_seen += int(batch[0].shape[0])
+
+    def on_train_epoch_end(self) -> None:
+        # Budget bookkeeping, read back by benchmarks/experiments.py from the logs.
+        elapsed = self._fit_elapsed_before + time.perf_counter() - self._fit_started
+        self.log("budget/images_seen", float(self.images_seen), on_epoch=True, sync_dist=False, reduce_fx="max")
+        self.log("budget/train_seconds", elapsed, on_epoch=True, reduce_fx="max")
 
     def on_train_epoch_start(self) -> None:
         self._maybe_restart_schedule()
@@ -453,14 +471,23 @@ class ImageClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lit_ft"] = {"restarted_at": self._restarted_at, "class_names": self.class_names}
+        elapsed = self._fit_elapsed_before + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
+        checkpoint["lit_ft"] = {
+            "restarted_at": self._restarted_at,
+            "class_names": self.class_names,
+            "images_seen": self.images_seen,
+            "train_seconds": elapsed,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("lit_ft", {})
         self._restarted_at = state.get("restarted_at")
+        self.images_seen = int(state.get("images_seen", 0))
+        self._fit_elapsed_before = float(state.get("train_seconds", 0.0))
 
     # ------------------------------------------------------------------ reporting
     def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
         self.plan_table = self.describe_plan()
         rank_zero_info(self.plan_table)
         experiment = getattr(self.logger, "experiment", None)
