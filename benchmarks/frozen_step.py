@@ -9,26 +9,13 @@ over several rounds, and reports median step times as ratios to the full fine-tu
 from __future__ import annotations
 
 import argparse
-import time
 
 import lightning as L
 import torch
 
-from benchmarks.report import command, median, table, write_section
+from benchmarks.report import IterTimer, command, median, table, write_section
 from lit_ft import ImageClassifier
 from lit_ft.schedules import Full, Gradual, LinearProbe
-
-
-class StepTimer(L.Callback):
-    def __init__(self, skip: int):
-        self.skip, self.times, self._t = skip, [], 0.0
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if batch_idx >= self.skip:
-            self.times.append(time.perf_counter() - self._t)
 
 
 def run(plan, args) -> list[float]:
@@ -37,12 +24,12 @@ def run(plan, args) -> list[float]:
     x = torch.randn(args.batch, 3, args.image_size, args.image_size)
     y = torch.randint(0, 10, (args.batch,))
     loader = torch.utils.data.DataLoader([(x[i], y[i]) for i in range(args.batch)] * args.steps, batch_size=args.batch)
-    timer = StepTimer(skip=2)
+    timer = IterTimer()
     L.Trainer(
         accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[timer],
     ).fit(model, loader)
-    return timer.times
+    return timer.times(skip=2)
 
 
 def main() -> None:

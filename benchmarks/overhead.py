@@ -20,7 +20,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from benchmarks.report import command, median, table, write_section
+from benchmarks.report import IterTimer, command, median, table, write_section
 from lit_ft import ImageClassifier
 
 
@@ -29,17 +29,6 @@ def batches(n: int, batch: int, size: int) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(0)
     items = [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
     return torch.utils.data.DataLoader(items, batch_size=None)
-
-
-class IterTimer(L.Callback):
-    def __init__(self):
-        self.starts: list[float] = []
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.starts.append(time.perf_counter())
-
-    def on_train_epoch_end(self, trainer, module):
-        self.starts.append(time.perf_counter())
 
 
 def run_lit_ft(args, data) -> list[float]:
@@ -52,7 +41,7 @@ def run_lit_ft(args, data) -> list[float]:
             enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
             logger=L.pytorch.loggers.TensorBoardLogger(d), log_every_n_steps=50,
         ).fit(model, data)
-    return [b - a for a, b in zip(timer.starts[:-1], timer.starts[1:])][args.warmup :]
+    return timer.times(args.warmup)
 
 
 def run_plain(args, data) -> list[float]:

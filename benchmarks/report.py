@@ -57,3 +57,19 @@ def median(xs: list[float]) -> float:
 
 def command() -> str:
     return "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])
+
+
+class IterTimer(L.Callback):
+    """Times each training iteration, from one batch start to the next (data fetch included)."""
+
+    def __init__(self):
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.starts.append(time.perf_counter())
+
+    def on_train_epoch_end(self, trainer, module):
+        self.starts.append(time.perf_counter())
+
+    def times(self, skip: int = 0) -> list[float]:
+        return [b - a for a, b in zip(self.starts[:-1], self.starts[1:])][skip:]

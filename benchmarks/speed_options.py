@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import lightning as L
 import torch
 
-from benchmarks.report import command, median, table, write_section
+from benchmarks.report import IterTimer, command, median, table, write_section
 from lit_ft import ImageClassifier
 
 OPTIONS = {
@@ -28,17 +27,6 @@ OPTIONS = {
 }
 
 
-class IterTimer(L.Callback):
-    def __init__(self):
-        self.starts: list[float] = []
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.starts.append(time.perf_counter())
-
-    def on_train_epoch_end(self, trainer, module):
-        self.starts.append(time.perf_counter())
-
-
 def run(model_kw, trainer_kw, args, loader) -> list[float]:
     torch.manual_seed(0)
     model = ImageClassifier(args.backbone, num_classes=10, **model_kw)
@@ -48,8 +36,7 @@ def run(model_kw, trainer_kw, args, loader) -> list[float]:
             default_root_dir=d, accelerator="auto", max_epochs=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], **trainer_kw,
         ).fit(model, loader)
-    times = [b - a for a, b in zip(timer.starts[:-1], timer.starts[1:])]
-    return times[args.warmup :]
+    return timer.times(args.warmup)
 
 
 def main() -> None:

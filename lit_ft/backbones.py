@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import timm
-import torch
 from torch import nn
 
 from lit_ft import weights as W

@@ -29,11 +29,11 @@ def count_for(size: Union[int, float], total: int, name: str) -> int:
         raise UserError(f"{name}={size!r} is not a number", f"give {name} as an int count or a float fraction")
     if isinstance(size, float):
         if not 0.0 <= size <= 1.0:
-            raise UserError(f"{name}={size} is not a fraction in [0, 1]", f"use a float in [0, 1] or an int count")
+            raise UserError(f"{name}={size} is not a fraction in [0, 1]", "use a float in [0, 1] or an int count")
         count = int(round(size * total))
         return max(count, 1) if size > 0 and total > 0 else count  # a non-zero fraction never rounds to nothing
     if size < 0:
-        raise UserError(f"{name}={size} is negative", f"use a count >= 0 or a fraction in [0, 1]")
+        raise UserError(f"{name}={size} is negative", "use a count >= 0 or a fraction in [0, 1]")
     if size > total:
         raise UserError(f"{name}={size} is more than the {total} images available", f"use at most {total}, or a fraction")
     return size

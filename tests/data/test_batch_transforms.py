@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lit_ft.data import SyntheticDataModule, TorchvisionDataModule
+from lit_ft.data import SyntheticDataModule
 from lit_ft.data.batch_transforms import BatchTransform
 from lit_ft.data.transforms import Augmentation
 from lit_ft.errors import UserError
