@@ -44,7 +44,9 @@ class DELTA(Regularizer):
     ``w0`` is a frozen copy of the backbone taken when the classifier is built (its pretrained
     weights), stored under ``regularizers.<i>.teacher`` so resume restores it. The teacher runs
     only as far as the deepest chosen layer, without gradients, and only while some backbone
-    parameter trains (a frozen backbone produces the teacher's features anyway).
+    parameter trains (a frozen backbone produces the teacher's features anyway). Its BatchNorm
+    layers normalize like the student's in the same step (batch statistics where the student's
+    train) and never update their statistics, so the penalty is 0 at the starting point.
 
     With ``attention`` each channel gets a weight ``w_c`` (mean 1) from how much the task loss
     would rise without it, estimated to first order (``-grad . activation``, summed over the map)
@@ -143,13 +145,28 @@ class DELTA(Regularizer):
             for h in handles:
                 h.remove()
 
-    def _teacher_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _teacher_maps(self, x: torch.Tensor, student: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
+        """Feature maps of the teacher; with ``student``, its BatchNorm layers normalize the way the
+        student's do in this step (batch statistics where the student's BN trains), without ever
+        updating the teacher's running statistics. At ``w = w0`` the penalty is then exactly 0."""
         store: dict[str, torch.Tensor] = {}
-        with self._hooked(self.teacher, store, stop=True):
-            try:
-                self.teacher.forward_features(x)
-            except _Enough:
-                pass
+        switched = []
+        if student is not None:
+            mods = dict(self.teacher.named_modules())
+            for name, bn in student.named_modules():
+                if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training:
+                    t = mods[name]
+                    t.training, t.track_running_stats = True, False  # batch statistics, no update
+                    switched.append(t)
+        try:
+            with self._hooked(self.teacher, store, stop=True):
+                try:
+                    self.teacher.forward_features(x)
+                except _Enough:
+                    pass
+        finally:
+            for t in switched:
+                t.training, t.track_running_stats = False, True
         return store
 
     @staticmethod
@@ -172,7 +189,7 @@ class DELTA(Regularizer):
         if len(student) != len(self.layers):
             return out.loss.new_zeros(())  # backbone frozen: nothing to pull back
         with torch.no_grad():
-            teacher = self._teacher_maps(out.x.contiguous(memory_format=module.memory_format))
+            teacher = self._teacher_maps(out.x.contiguous(memory_format=module.memory_format), module.model)
         if self.attention and int(self.attention_seen) < self.attention_batches:
             self._update_attention(student, out.loss)
         total = out.loss.new_zeros(())
