@@ -355,3 +355,22 @@ def test_gradient_clipping_and_early_stopping_from_a_config(tmp_path):
     assert cli.trainer.current_epoch == 2  # stopped after patience=1 epoch without improvement, not 6
     change = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ParamChange")  # imported by jsonargparse
     assert change.max_step_change <= 0.1 * 0.01 * 1.001  # |lr * clipped grad| <= lr * clip
+
+
+def test_checkpoints_load_across_regularizer_configs(tmp_path):
+    from lit_ft import ImageClassifier
+
+    model = tiny_model(regularizers=[L2SP(), DELTA(layers=["layer4"])])
+    t = trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    t.fit(model, tiny_data())
+    t.save_checkpoint(tmp_path / "reg.ckpt")
+    # From Python the regularizers are not hyperparameters: the plain model loads, extra state dropped.
+    plain = ImageClassifier.load_from_checkpoint(tmp_path / "reg.ckpt", weights_only=True)
+    assert len(plain.regularizers) == 0
+    assert torch.equal(plain.model.fc.weight, model.model.fc.weight)
+    # A checkpoint without regularizer state loads into a model with some (anchors: as built, warned).
+    trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(plain, tiny_data())
+    plain.trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.warns(UserWarning, match="no state for"):
+        again = ImageClassifier.load_from_checkpoint(tmp_path / "plain.ckpt", weights_only=True, regularizers=[L2SP()])
+    assert torch.equal(again.model.fc.weight, plain.model.fc.weight)

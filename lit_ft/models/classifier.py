@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
@@ -229,6 +229,28 @@ class ImageClassifier(L.LightningModule):
         if not on:
             return x, y
         return self.mixup(x, y, self.num_classes, epoch=self.current_epoch, batch=batch_idx, rank=self.global_rank)
+
+    def _match_regularizer_state(self, checkpoint: dict) -> None:
+        """Make the checkpoint's regularizer state (anchors, DELTA teacher) fit this module's regularizers.
+
+        Entries of regularizers this module does not have are dropped (they only matter while
+        training with them). Entries this module needs but the checkpoint lacks keep the values
+        captured at construction, with a warning: on resume those anchors are then this build's
+        weights, not the original run's pretrained ones.
+        """
+        sd = checkpoint.get("state_dict")
+        if sd is None:
+            return
+        own = {k: v for k, v in self.state_dict().items() if k.startswith("regularizers.")}
+        for k in [k for k in sd if k.startswith("regularizers.") and k not in own]:
+            del sd[k]
+        missing = [k for k in own if k not in sd]
+        if missing:
+            rank_zero_warn(
+                f"lit-ft: the checkpoint has no state for {len(missing)} regularizer tensors "
+                f"(e.g. {missing[0]}); they keep the values captured when this model was built"
+            )
+            sd.update({k: own[k] for k in missing})
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict:
         # The logits go to callbacks' on_validation_batch_end (confusion matrix, mistakes).
@@ -480,6 +502,7 @@ class ImageClassifier(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._match_regularizer_state(checkpoint)
         state = checkpoint.get("lit_ft", {})
         self._restarted_at = state.get("restarted_at")
         self.images_seen = int(state.get("images_seen", 0))
