@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
-from lit_ft.callbacks import PredictionWriter
+from lit_ft.callbacks import ConfusionLogger, PredictionWriter, RunRecord, ThroughputLogger, TrainSamplesLogger
 from lit_ft.data import BaseImageDataModule
 from lit_ft.errors import UserError
 from lit_ft.models import ImageClassifier
@@ -38,6 +38,11 @@ class LitFTCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        # TensorBoard inspection, each configurable (and switched off) from YAML, e.g.
+        # `confusion: {every_n_epochs: 0}`, `train_samples: {num_images: 0}`, `throughput: {enabled: false}`.
+        parser.add_lightning_class_args(ConfusionLogger, "confusion")
+        parser.add_lightning_class_args(TrainSamplesLogger, "train_samples")
+        parser.add_lightning_class_args(ThroughputLogger, "throughput")
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="after fit, test the best checkpoint on the test split"
         )
@@ -91,7 +96,9 @@ class LitFTCLI(LightningCLI):
         score = getattr(cb, "best_model_score", None) if cb else None
         if best:
             metric = f"{cb.monitor}={float(score):.4f}" if score is not None else ""
-            print(f"lit-ft: best checkpoint {best} {metric}", flush=True)
+            record = next((c for c in self.trainer.callbacks if isinstance(c, RunRecord)), None)
+            others = record.best_summary(exclude=(cb.monitor,)) if record is not None else ""
+            print(f"lit-ft: best checkpoint {best} {metric} {others}".rstrip(), flush=True)
         if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
             ckpt = best or None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
@@ -166,21 +173,7 @@ def main(args: ArgsType = None, *, return_cli: bool = False) -> Optional[LitFTCL
         return_cli: return the :class:`LitFTCLI` (trainer, model, datamodule) instead of None.
     """
     try:
-        cli = LitFTCLI(
-            ImageClassifier,
-            BaseImageDataModule,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,  # the model owns its optimizer (per-group LRs)
-            seed_everything_default=42,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "logger": {
-                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
-                },
-            },
-            args=args,
-        )
+        cli = make_cli(args)
     except Exception as err:
         user_error = _find_user_error(err)
         if user_error is None:
@@ -188,6 +181,33 @@ def main(args: ArgsType = None, *, return_cli: bool = False) -> Optional[LitFTCL
         print(f"lit-ft: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
     return cli if return_cli else None
+
+
+def make_cli(args: ArgsType = None, run: bool = True, **kwargs: Any) -> LitFTCLI:
+    """The :class:`LitFTCLI` with lit-ft's defaults, raising errors instead of exiting.
+
+    ``run=False`` parses ``args`` (no subcommand) and only instantiates the model, datamodule and
+    trainer: the notebook API (``lit_ft.notebook.build``) uses exactly the CLI's objects.
+    ``kwargs`` go to ``LightningCLI`` (e.g. ``parser_kwargs``).
+    """
+    return LitFTCLI(
+        ImageClassifier,
+        BaseImageDataModule,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,  # the model owns its optimizer (per-group LRs)
+        seed_everything_default=42,
+        save_config_callback=RunRecord,  # config.yaml + config text, hparams, best metrics
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
+            },
+        },
+        args=args,
+        run=run,
+        **kwargs,
+    )
 
 
 def _find_user_error(err: BaseException) -> Optional[UserError]:

@@ -1,6 +1,10 @@
 """Callbacks, one concern per file."""
 
+from lit_ft.callbacks.confusion import ConfusionLogger
 from lit_ft.callbacks.ema import EMA, SWA, WeightAverage
 from lit_ft.callbacks.predictions import PredictionWriter
+from lit_ft.callbacks.run_record import RunRecord
+from lit_ft.callbacks.samples import TrainSamplesLogger
+from lit_ft.callbacks.throughput import ThroughputLogger
 
-__all__ = ["EMA", "SWA", "WeightAverage", "PredictionWriter"]
+__all__ = ["EMA", "SWA", "WeightAverage", "ConfusionLogger", "PredictionWriter", "RunRecord", "ThroughputLogger", "TrainSamplesLogger"]
