@@ -28,9 +28,12 @@ def set_trainable(model: nn.Module, groups: Sequence[LayerGroup], trainable: Ite
             params[name].requires_grad_(on or name in bn_params)
 
 
-def set_bn_modes(model: nn.Module, groups: Sequence[LayerGroup], trainable: Iterable[int], train_bn: bool) -> None:
+def set_bn_modes(
+    model: nn.Module, groups: Sequence[LayerGroup], trainable: Iterable[int], train_bn: bool, freeze_stats: bool = False
+) -> None:
     """BatchNorm layers of frozen groups in eval mode (running stats fixed) unless ``train_bn``;
-    those of trainable groups follow the model's mode.
+    those of trainable groups follow the model's mode, unless ``freeze_stats`` keeps every BN
+    layer in eval mode.
 
     A pure function of the plan: Lightning restores each submodule's captured mode after
     validation, so a BN layer frozen earlier must be switched back explicitly when its group
@@ -40,7 +43,7 @@ def set_bn_modes(model: nn.Module, groups: Sequence[LayerGroup], trainable: Iter
         return
     trainable = set(trainable)
     for i, group in enumerate(groups):
-        on = train_bn or i in trainable
+        on = (train_bn or i in trainable) and not freeze_stats
         for bn in bn_modules(model, group):
             bn.train(on)
 

@@ -34,13 +34,18 @@ class FreezeSchedule:
             training (statistics and affine parameters) while the rest of the group is frozen.
         unfreeze_warmup_steps: a group unfrozen after the first step ramps its learning rate
             linearly from 0 to its scheduled value over this many optimizer steps.
+        freeze_bn_stats: keep every BatchNorm layer in eval mode, trainable groups included: the
+            pretrained running statistics are used and kept, while trainable BN affine parameters
+            still learn. Avoids the jump in features when a group unfreezes and its BN layers
+            switch to batch statistics (recommended for small data; Keras's fine-tuning advice).
     """
 
-    def __init__(self, train_bn: bool = False, unfreeze_warmup_steps: int = 0) -> None:
+    def __init__(self, train_bn: bool = False, unfreeze_warmup_steps: int = 0, freeze_bn_stats: bool = False) -> None:
         if unfreeze_warmup_steps < 0:
             raise UserError(f"unfreeze_warmup_steps must be >= 0, got {unfreeze_warmup_steps}")
         self.train_bn = train_bn
         self.unfreeze_warmup_steps = unfreeze_warmup_steps
+        self.freeze_bn_stats = freeze_bn_stats
         self.num_groups = 0
 
     # -- binding to a model's groups -----------------------------------------------------
@@ -121,8 +126,8 @@ class FreezeUnfreeze(FreezeSchedule):
         epochs: epochs of head-only training before the whole network unfreezes.
     """
 
-    def __init__(self, epochs: int = 1, train_bn: bool = False, unfreeze_warmup_steps: int = 0) -> None:
-        super().__init__(train_bn, unfreeze_warmup_steps)
+    def __init__(self, epochs: int = 1, train_bn: bool = False, unfreeze_warmup_steps: int = 0, freeze_bn_stats: bool = False) -> None:
+        super().__init__(train_bn, unfreeze_warmup_steps, freeze_bn_stats)
         if epochs < 0:
             raise UserError(f"FreezeUnfreeze.epochs must be >= 0, got {epochs}")
         self.epochs = epochs
@@ -142,8 +147,8 @@ class LPFT(FreezeUnfreeze):
         lp_epochs: epochs of linear probing (head only).
     """
 
-    def __init__(self, lp_epochs: int = 1, train_bn: bool = False, unfreeze_warmup_steps: int = 0) -> None:
-        super().__init__(lp_epochs, train_bn, unfreeze_warmup_steps)
+    def __init__(self, lp_epochs: int = 1, train_bn: bool = False, unfreeze_warmup_steps: int = 0, freeze_bn_stats: bool = False) -> None:
+        super().__init__(lp_epochs, train_bn, unfreeze_warmup_steps, freeze_bn_stats)
         self.lp_epochs = lp_epochs
 
     @property
@@ -151,7 +156,10 @@ class LPFT(FreezeUnfreeze):
         return self.lp_epochs if self.lp_epochs > 0 else None
 
     def __repr__(self) -> str:
-        return f"LPFT(lp_epochs={self.lp_epochs}, train_bn={self.train_bn}, unfreeze_warmup_steps={self.unfreeze_warmup_steps})"
+        return (
+            f"LPFT(lp_epochs={self.lp_epochs}, train_bn={self.train_bn}, "
+            f"unfreeze_warmup_steps={self.unfreeze_warmup_steps}, freeze_bn_stats={self.freeze_bn_stats})"
+        )
 
 
 class Gradual(FreezeSchedule):
@@ -164,9 +172,9 @@ class Gradual(FreezeSchedule):
     """
 
     def __init__(
-        self, every: int = 1, unit: Unit = "epoch", start: int = 1, train_bn: bool = False, unfreeze_warmup_steps: int = 0
+        self, every: int = 1, unit: Unit = "epoch", start: int = 1, train_bn: bool = False, unfreeze_warmup_steps: int = 0, freeze_bn_stats: bool = False
     ) -> None:
-        super().__init__(train_bn, unfreeze_warmup_steps)
+        super().__init__(train_bn, unfreeze_warmup_steps, freeze_bn_stats)
         if every < 1:
             raise UserError(f"Gradual.every must be >= 1, got {every}")
         if start < 1:
@@ -196,8 +204,9 @@ class Milestones(FreezeSchedule):
         initial: Optional[list[GroupRef]] = None,
         train_bn: bool = False,
         unfreeze_warmup_steps: int = 0,
+        freeze_bn_stats: bool = False,
     ) -> None:
-        super().__init__(train_bn, unfreeze_warmup_steps)
+        super().__init__(train_bn, unfreeze_warmup_steps, freeze_bn_stats)
         self.milestones = {int(k): list(v) for k, v in milestones.items()}
         if any(k < 0 for k in self.milestones):
             raise UserError(f"milestone epochs must be >= 0, got {sorted(self.milestones)}")
@@ -227,9 +236,9 @@ class Surgical(FreezeSchedule):
     """
 
     def __init__(
-        self, groups: list[GroupRef], include_head: bool = True, train_bn: bool = False, unfreeze_warmup_steps: int = 0
+        self, groups: list[GroupRef], include_head: bool = True, train_bn: bool = False, unfreeze_warmup_steps: int = 0, freeze_bn_stats: bool = False
     ) -> None:
-        super().__init__(train_bn, unfreeze_warmup_steps)
+        super().__init__(train_bn, unfreeze_warmup_steps, freeze_bn_stats)
         if not groups and not include_head:
             raise UserError("Surgical trains nothing: groups is empty and include_head is false", "name a group")
         self.groups = list(groups)

@@ -255,3 +255,14 @@ def test_group_lr_ratios_hold_during_training(make_sched, tmp_path):
         assert s["stem"] / s["head"] == pytest.approx(0.1 * 0.5 ** (n - 1))
         assert s["layer4"] / s["head"] == pytest.approx(0.5)
         assert s["layer4/no_decay"] == s["layer4"]
+
+
+def test_freeze_bn_stats_keeps_pretrained_statistics_while_weights_train(tmp_path):
+    model = tiny_model(freeze=FreezeUnfreeze(epochs=1, freeze_bn_stats=True))
+    before = snapshot(model)
+    trainer(tmp_path, max_epochs=2).fit(model, tiny_data())
+    after = snapshot(model)
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+    assert not torch.equal(before["model.conv1.1.weight"], after["model.conv1.1.weight"])  # BN affine trains
+    assert not torch.equal(before["model.conv1.0.weight"], after["model.conv1.0.weight"])

@@ -418,12 +418,12 @@ class ImageClassifier(L.LightningModule):
         if now != self._applied:
             set_trainable(self.model, self.groups, now, self.freeze.train_bn)
             self._applied = now
-        set_bn_modes(self.model, self.groups, now, self.freeze.train_bn)
+        set_bn_modes(self.model, self.groups, now, self.freeze.train_bn, self.freeze.freeze_bn_stats)
 
     def train(self, mode: bool = True) -> "ImageClassifier":
         super().train(mode)
         if mode and self._applied is not None:
-            set_bn_modes(self.model, self.groups, self._applied, self.freeze.train_bn)
+            set_bn_modes(self.model, self.groups, self._applied, self.freeze.train_bn, self.freeze.freeze_bn_stats)
         return self
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
