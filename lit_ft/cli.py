@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from lit_ft.callbacks import ConfusionLogger, PredictionWriter, RunRecord, ThroughputLogger, TrainSamplesLogger
+from lit_ft.callbacks.checkpointing import (
+    LastEpochCheckpoint,
+    check_checkpoint_fits,
+    refuse_code_pickle,
+    use_atomic_checkpoints,
+)
 from lit_ft.data import BaseImageDataModule
 from lit_ft.errors import UserError
 from lit_ft.models import ImageClassifier
@@ -27,7 +33,8 @@ class LitFTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data", "model.num_classes", compute_fn=_num_classes, apply_on="instantiate")
         parser.link_arguments("data", "model.class_names", compute_fn=_class_names, apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # ModelCheckpoint whose last.ckpt is the latest epoch (Lightning 2.6 keeps it = best).
+        parser.add_lightning_class_args(LastEpochCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -47,6 +54,29 @@ class LitFTCLI(LightningCLI):
             "--test_after_fit", type=bool, default=False, help="after fit, test the best checkpoint on the test split"
         )
 
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)  # a crash while saving never corrupts last.ckpt
+        return trainer
+
+    # A checkpoint of other classes/shapes: say so in the user's terms, not as a load_state_dict trace.
+    def before_fit(self) -> None:
+        self._check_ckpt_fits()
+
+    def before_validate(self) -> None:
+        self._check_ckpt_fits()
+
+    def before_test(self) -> None:
+        self._check_ckpt_fits()
+
+    def before_predict(self) -> None:
+        self._check_ckpt_fits()
+
+    def _check_ckpt_fits(self) -> None:
+        ckpt = self.config[self.subcommand].get("ckpt_path")
+        if ckpt:
+            check_checkpoint_fits(ckpt, self.model)
+
     # -- checkpoints: aliases, hparams, and no re-download of pretrained weights ------------
     def _parse_ckpt_path(self) -> None:
         sub = self.config.get("subcommand")
@@ -65,8 +95,12 @@ class LitFTCLI(LightningCLI):
             ckpt = str(path)
         if not Path(ckpt).is_file():
             raise UserError(f"checkpoint not found: {ckpt}", "pass an existing .ckpt path, or `best`/`last`")
+        if cfg.get("weights_only") is None:
+            cfg["weights_only"] = True  # a checkpoint from elsewhere must not run code when loaded
         try:
             hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+        except pickle.UnpicklingError as err:
+            raise refuse_code_pickle(ckpt, err) from err
         except Exception as err:
             raise UserError(f"cannot read checkpoint {ckpt}: {str(err).splitlines()[0]}", "is it a complete lit-ft .ckpt?")
         hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
