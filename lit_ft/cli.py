@@ -18,6 +18,8 @@ from lit_ft.callbacks.checkpointing import (
     refuse_code_pickle,
     use_atomic_checkpoints,
 )
+from lit_ft.callbacks.interrupt import GracefulInterrupt
+from lit_ft.callbacks.nan_guard import NaNGuard
 from lit_ft.data import BaseImageDataModule
 from lit_ft.errors import UserError
 from lit_ft.models import ImageClassifier
@@ -53,6 +55,9 @@ class LitFTCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="after fit, test the best checkpoint on the test split"
         )
+        # Reliability: stop on a NaN/Inf loss; save a resumable last.ckpt on SIGTERM/Ctrl-C.
+        parser.add_lightning_class_args(NaNGuard, "nan_guard")
+        parser.add_lightning_class_args(GracefulInterrupt, "interrupt")
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer = super().instantiate_trainer(**kwargs)

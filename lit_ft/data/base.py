@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from lit_ft.data.datasets import FileSource, ImageSource, TransformedDataset, collate_with_ids
 from lit_ft.data.images import IMAGE_EXTENSIONS
+from lit_ft.data.resumable import ResumableDataLoader
 from lit_ft.data.scan import BadImages, list_files, report_ignored, verify_images
 from lit_ft.data.splits import count_for, split_off, stratified_sample
 from lit_ft.data.batch_transforms import BatchTransform, RawUint8
@@ -399,7 +400,9 @@ class BaseImageDataModule(LightningDataModule):
         # The shuffle order is a function of (seed, epoch): Lightning calls set_epoch() on the
         # sampler, so a run resumed at epoch k sees the same order as an uninterrupted one.
         sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
-        return DataLoader(
+        # Training resumes mid-epoch at the right batch (ResumableDataLoader, Lightning's stateful loaders).
+        loader_cls = ResumableDataLoader if shuffle else DataLoader
+        return loader_cls(
             dataset,
             batch_size=batch_size,
             sampler=sampler,

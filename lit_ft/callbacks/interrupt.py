@@ -1,0 +1,128 @@
+"""SIGTERM / Ctrl-C during fit: save a resumable ``last.ckpt`` at a batch boundary, then exit.
+
+What Lightning 2.6 does by itself: its SIGTERM handler only sets ``trainer.received_sigterm``;
+the loops then raise ``SIGTERMException`` (a ``SystemExit`` with no code, so the process exits
+with status 0) at the end of the current batch, and nothing is saved. Ctrl-C raises
+``KeyboardInterrupt`` wherever Python happens to be (possibly half-way through an optimizer
+step); Lightning catches it and calls ``sys.exit(1)``, again without a checkpoint.
+
+:class:`GracefulInterrupt` turns both into "finish this batch, save, exit non-zero":
+
+* single process: at ``on_train_batch_end`` (the point where Lightning's own step-based
+  checkpoints are taken, so the loop counters restore exactly) it saves ``last.ckpt`` and raises
+  :class:`TrainingInterrupted` (exit status 128 + signal: 143 for SIGTERM, 130 for SIGINT);
+* a signal that lands outside a training batch (validation, DDP, where Lightning stops all ranks
+  together at the next batch start) is saved from ``on_exception`` instead;
+* a second Ctrl-C stops at once, without saving.
+
+Resuming (``--ckpt_path last``) continues inside the epoch: the train loader skips the batches
+already trained on (:class:`lit_ft.data.resumable.ResumableDataLoader`).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lit_ft.callbacks.checkpointing import save_last_checkpoint
+
+
+class TrainingInterrupted(SystemExit):
+    """Fit stopped by a signal after saving a resumable checkpoint; ``code`` is 128 + signal number.
+
+    Attributes:
+        message: what happened and how to resume, for the user.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.message = message
+
+
+class GracefulInterrupt(Callback):
+    """Save a resumable checkpoint and exit non-zero on SIGTERM or Ctrl-C during ``fit``.
+
+    Args:
+        enabled: handle the signals (False: Lightning's default behaviour).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.requested: Optional[int] = None  # the signal number once a stop was asked for
+        self.saved_to: Optional[str] = None
+        self._previous_sigint: Any = None
+
+    # ------------------------------------------------------------------ signal handling
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.requested, self.saved_to = None, None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Installed here, after Lightning registered its SIGTERM handler: Lightning's teardown then
+        # puts back the handlers it found, removing ours on every exit path (exceptions included).
+        # Under DDP every rank gets Ctrl-C at a slightly different batch: a per-rank decision to save
+        # would deadlock in the save's barrier, so Lightning's own handling stays in place there.
+        if self.enabled and trainer.world_size == 1 and _main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None and _main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:  # second Ctrl-C: stop now
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = signum
+        print("\nlit-ft: Ctrl-C: saving a checkpoint after this batch (press again to stop at once)", file=sys.stderr)
+
+    def _signal(self, trainer: L.Trainer) -> Optional[int]:
+        if self.requested is not None:
+            return self.requested
+        return int(signal.SIGTERM) if trainer.received_sigterm else None
+
+    # ------------------------------------------------------------------ saving
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        signum = self._signal(trainer) if self.enabled else None
+        if signum is None or trainer.world_size > 1:
+            return
+        self._save(trainer)
+        message = self._message(trainer, signum)
+        print(f"lit-ft: {message}", file=sys.stderr, flush=True)
+        raise TrainingInterrupted(message, signum)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
+        if not self.enabled or self.saved_to is not None or not isinstance(exception, SIGTERMException):
+            return
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or trainer.global_step == 0:
+            return  # nothing trained in this process: the checkpoint we started from is still the latest
+        self._save(trainer)
+        exception.code = 128 + int(signal.SIGTERM)
+        if trainer.is_global_zero:
+            print(f"lit-ft: {self._message(trainer, int(signal.SIGTERM))}", file=sys.stderr, flush=True)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        self.saved_to = str(save_last_checkpoint(trainer))
+
+    def _message(self, trainer: L.Trainer, signum: int) -> str:
+        name = signal.Signals(signum).name
+        return (
+            f"interrupted by {name} at global step {trainer.global_step} (epoch {trainer.current_epoch}); "
+            f"saved a resumable checkpoint to {self.saved_to}\n"
+            "HINT: resume with the same command plus --ckpt_path last (or --ckpt_path <that file>)"
+        )
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,172 @@
+"""SIGTERM / Ctrl-C during fit: a resumable checkpoint is saved, and resuming from it ends with
+the same weights as a run that was never interrupted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import Dataset
+
+from lit_ft.cli import main
+from lit_ft.data.base import EpochShuffleSampler
+from lit_ft.data.resumable import ResumableDataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+# 40 images / batch 8 = 5 steps per epoch; no augmentation and no dropout, so nothing but the
+# data order (a function of seed and epoch) and the saved state decides the result.
+ARGS = [
+    "--model.backbone", "test_resnet",
+    "--data", "lit_ft.data.SyntheticDataModule",
+    "--data.image_size", "32", "--data.batch_size", "8",
+    "--data.train_size", "40", "--data.val_size", "16", "--data.test_size", "0",
+    "--data.augment", "false",
+    "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05", "--model.optimizer.momentum", "0.9",
+    "--trainer.max_epochs", "2",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu",
+]
+STEPS = 10
+
+
+class PauseAt(Callback):
+    """Hold training at ``step`` (writing ``marker``) until a SIGTERM arrives, so a test can signal
+    the process at a known point in the middle of an epoch."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, marker
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            Path(self.marker).touch()
+            deadline = time.monotonic() + 300
+            while not trainer.received_sigterm and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+
+class SignalAt(Callback):
+    """Send ``signum`` to this process at ``step`` (what pressing Ctrl-C does)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+    save_dir = tmp_path_factory.mktemp("reference") / "runs"
+    cli = main(["fit", *ARGS, "--trainer.logger.init_args.save_dir", str(save_dir)], return_cli=True)
+    assert cli.trainer.global_step == STEPS
+    return {k: v.clone() for k, v in cli.model.state_dict().items()}
+
+
+def resume_and_compare(uninterrupted: dict[str, torch.Tensor]) -> None:
+    cli = main(["fit", *ARGS, "--ckpt_path", "last"], return_cli=True)
+    assert cli.trainer.global_step == STEPS
+    assert Path(cli.trainer.log_dir) == Path("runs/default/version_0")  # the same run continues
+    got = cli.model.state_dict()
+    assert got.keys() == uninterrupted.keys()
+    different = [k for k in got if not torch.equal(got[k], uninterrupted[k])]
+    assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+
+
+def mid_epoch_checkpoint(step: int, batches: int, epoch: int) -> dict:
+    ckpt = torch.load("runs/default/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == step and ckpt["epoch"] == epoch
+    # the train loader's position inside the epoch is part of the checkpoint
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": epoch, "batches": batches}]
+    return ckpt
+
+
+def test_sigterm_to_a_running_fit_saves_and_resume_matches_an_uninterrupted_run(tmp_path, uninterrupted):
+    marker = tmp_path / "paused"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lit_ft", "fit", *ARGS,
+         "--trainer.callbacks+=tests.test_interrupt.PauseAt", "--trainer.callbacks.step", "7",
+         "--trainer.callbacks.marker", str(marker)],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr.txt").open("w"),
+    )  # stderr to a file: a full pipe would block the child
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
+            assert time.monotonic() < deadline, "training never reached step 7"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # epoch 1, after its 2nd of 5 batches
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM at global step 7 (epoch 1)" in err
+    assert "resume with the same command plus --ckpt_path last" in err and "Traceback" not in err
+    mid_epoch_checkpoint(step=7, batches=2, epoch=1)
+    resume_and_compare(uninterrupted)
+
+
+def test_ctrl_c_saves_after_the_batch_and_resume_matches_an_uninterrupted_run(uninterrupted, capsys):
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *ARGS, "--trainer.callbacks+=tests.test_interrupt.SignalAt", "--trainer.callbacks.step", "3",
+              "--trainer.callbacks.signum", str(int(signal.SIGINT))])
+    assert exit_.value.code == 128 + signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C behaves normally again afterwards
+    err = capsys.readouterr().err
+    assert "interrupted by SIGINT at global step 3 (epoch 0)" in err and "--ckpt_path last" in err
+    mid_epoch_checkpoint(step=3, batches=3, epoch=0)
+    resume_and_compare(uninterrupted)
+
+
+# --------------------------------------------------------------------------- the loader alone
+
+
+class CountingDataset(Dataset):
+    def __init__(self, n: int) -> None:
+        self.n, self.loaded = n, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        self.loaded.append(i)
+        return i
+
+
+def loader(ds: CountingDataset, epoch: int) -> ResumableDataLoader:
+    sampler = EpochShuffleSampler(len(ds), seed=3)
+    sampler.set_epoch(epoch)
+    return ResumableDataLoader(ds, batch_size=4, sampler=sampler)
+
+
+def test_resumable_loader_skips_the_batches_done_without_loading_them():
+    full = [b.tolist() for b in loader(CountingDataset(22), epoch=2)]  # 6 batches, the last of 2
+    first = loader(CountingDataset(22), epoch=2)
+    it = iter(first)
+    done = [next(it).tolist() for _ in range(4)]
+    state = first.state_dict()
+    assert state == {"epoch": 2, "batches": 4} and done == full[:4]
+
+    ds = CountingDataset(22)
+    resumed = loader(ds, epoch=2)
+    resumed.load_state_dict(state)
+    assert [b.tolist() for b in resumed] == full[4:]
+    assert sorted(ds.loaded) == sorted(i for b in full[4:] for i in b)  # skipped images never decoded
+    assert resumed.state_dict() == {"epoch": 2, "batches": 6}
+    assert len([b for b in resumed]) == 6  # one-shot: the next pass is a whole epoch
+
+
+@pytest.mark.parametrize(("state", "why"), [({"epoch": 2, "batches": 6}, "epoch was finished"), ({"epoch": 1, "batches": 2}, "other epoch")])
+def test_resumable_loader_does_not_skip_into_a_new_epoch(state, why):
+    resumed = loader(CountingDataset(22), epoch=2)
+    resumed.load_state_dict(state)
+    assert len(list(resumed)) == 6, why
