@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import re
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +21,7 @@ from lit_ft.callbacks.checkpointing import (
 )
 from lit_ft.callbacks.interrupt import GracefulInterrupt
 from lit_ft.callbacks.nan_guard import NaNGuard
+from lit_ft.config_errors import explain_parse_error
 from lit_ft.data import BaseImageDataModule
 from lit_ft.errors import UserError
 from lit_ft.models import ImageClassifier
@@ -58,6 +60,20 @@ class LitFTCLI(LightningCLI):
         # Reliability: stop on a NaN/Inf loss; save a resumable last.ckpt on SIGTERM/Ctrl-C.
         parser.add_lightning_class_args(NaNGuard, "nan_guard")
         parser.add_lightning_class_args(GracefulInterrupt, "interrupt")
+
+    # -- errors: one message, no usage dump -------------------------------------------------
+    def init_parser(self, **kwargs: Any):
+        kwargs.setdefault("exit_on_error", False)  # raise, so parse_arguments can explain the error
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser, args: ArgsType) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            words = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
+            sub = next((w for w in words if w in self.subcommands()), None)
+            sub_parser = getattr(self, "_subcommand_parsers", {}).get(sub, parser)
+            raise explain_parse_error(str(err), sub_parser, sub) from None
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer = super().instantiate_trainer(**kwargs)
@@ -215,6 +231,8 @@ def main(args: ArgsType = None, *, return_cli: bool = False) -> Optional[LitFTCL
         cli = make_cli(args)
     except Exception as err:
         user_error = _find_user_error(err)
+        if user_error is None and isinstance(err, ArgumentError):
+            user_error = explain_parse_error(str(err))
         if user_error is None:
             raise
         print(f"lit-ft: error: {user_error}", file=sys.stderr)
