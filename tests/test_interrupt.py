@@ -61,6 +61,17 @@ class SignalAt(Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SignalInValidation(Callback):
+    """Send ``signum`` to this process during the validation that follows ``step``."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.global_step == self.step and not trainer.sanity_checking and batch_idx == 0:
+            os.kill(os.getpid(), self.signum)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
     save_dir = tmp_path_factory.mktemp("reference") / "runs"
@@ -124,6 +135,17 @@ def test_ctrl_c_saves_after_the_batch_and_resume_matches_an_uninterrupted_run(un
     err = capsys.readouterr().err
     assert "interrupted by SIGINT at global step 3 (epoch 0)" in err and "--ckpt_path last" in err
     mid_epoch_checkpoint(step=3, batches=3, epoch=0)
+    resume_and_compare(uninterrupted)
+
+
+def test_sigterm_during_validation_saves_from_on_exception_and_resumes(uninterrupted, capsys):
+    # Lightning stops the validation loop itself (SIGTERMException, which would exit with 0).
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *ARGS, "--trainer.callbacks+=tests.test_interrupt.SignalInValidation", "--trainer.callbacks.step", "5",
+              "--trainer.callbacks.signum", str(int(signal.SIGTERM))])
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM at global step 5 (epoch 0)" in capsys.readouterr().err
+    mid_epoch_checkpoint(step=5, batches=5, epoch=0)  # all of epoch 0 trained, its validation cut short
     resume_and_compare(uninterrupted)
 
 

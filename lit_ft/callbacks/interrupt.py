@@ -13,7 +13,11 @@ step); Lightning catches it and calls ``sys.exit(1)``, again without a checkpoin
   :class:`TrainingInterrupted` (exit status 128 + signal: 143 for SIGTERM, 130 for SIGINT);
 * a signal that lands outside a training batch (validation, DDP, where Lightning stops all ranks
   together at the next batch start) is saved from ``on_exception`` instead;
-* a second Ctrl-C stops at once, without saving.
+* a second Ctrl-C stops at once, without saving; under DDP Ctrl-C is left to Lightning (ranks
+  would see it at different batches), SIGTERM is handled;
+* SIGTERM before the first training step of the process (setup, sanity check) exits 143 without
+  saving: the checkpoint the run started from is still the latest. Ctrl-C during validation
+  takes effect after the next training batch.
 
 Resuming (``--ckpt_path last``) continues inside the epoch: the train loader skips the batches
 already trained on (:class:`lit_ft.data.resumable.ResumableDataLoader`).
@@ -58,10 +62,11 @@ class GracefulInterrupt(Callback):
         self.requested: Optional[int] = None  # the signal number once a stop was asked for
         self.saved_to: Optional[str] = None
         self._previous_sigint: Any = None
+        self._steps_here = 0  # training batches finished by this process (not restored ones)
 
     # ------------------------------------------------------------------ signal handling
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.requested, self.saved_to = None, None
+        self.requested, self.saved_to, self._steps_here = None, None, 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Installed here, after Lightning registered its SIGTERM handler: Lightning's teardown then
@@ -93,6 +98,7 @@ class GracefulInterrupt(Callback):
 
     # ------------------------------------------------------------------ saving
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._steps_here += 1
         signum = self._signal(trainer) if self.enabled else None
         if signum is None or trainer.world_size > 1:
             return
@@ -103,14 +109,18 @@ class GracefulInterrupt(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_sigint()
-        if not self.enabled or self.saved_to is not None or not isinstance(exception, SIGTERMException):
+        if not self.enabled or not isinstance(exception, SIGTERMException):
             return
-        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or trainer.global_step == 0:
-            return  # nothing trained in this process: the checkpoint we started from is still the latest
-        self._save(trainer)
-        exception.code = 128 + int(signal.SIGTERM)
+        exception.code = 128 + int(signal.SIGTERM)  # Lightning's SIGTERMException would exit with 0
+        if self.saved_to is not None:
+            return
+        if trainer.state.fn == TrainerFn.FITTING and self._steps_here > 0 and not trainer.sanity_checking:
+            self._save(trainer)
+            message = self._message(trainer, int(signal.SIGTERM))
+        else:  # nothing trained in this process: the checkpoint it started from is still the latest
+            message = "interrupted by SIGTERM before any training step of this run; nothing new to save"
         if trainer.is_global_zero:
-            print(f"lit-ft: {self._message(trainer, int(signal.SIGTERM))}", file=sys.stderr, flush=True)
+            print(f"lit-ft: {message}", file=sys.stderr, flush=True)
 
     def _save(self, trainer: L.Trainer) -> None:
         self.saved_to = str(save_last_checkpoint(trainer))
