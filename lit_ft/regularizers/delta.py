@@ -101,7 +101,6 @@ class DELTA(Regularizer):
             )
         self.teacher = copy.deepcopy(model)  # the pretrained network, frozen
         self.teacher.requires_grad_(False)
-        self.teacher.eval()
         if self.attention:
             channels = self._channels(module)
             for i, c in enumerate(channels):
@@ -114,12 +113,6 @@ class DELTA(Regularizer):
         with torch.no_grad():
             maps = self._teacher_maps(torch.zeros(1, *size))
         return [channel_view(maps[n]).shape[1] for n in self.layers]
-
-    def train(self, mode: bool = True) -> "DELTA":
-        super().train(mode)
-        if hasattr(self, "teacher"):
-            self.teacher.eval()  # always: its BatchNorm statistics must never move
-        return self
 
     # ------------------------------------------------------------------ hooks
     @staticmethod
@@ -151,6 +144,10 @@ class DELTA(Regularizer):
         updating the teacher's running statistics. At ``w = w0`` the penalty is then exactly 0."""
         store: dict[str, torch.Tensor] = {}
         switched = []
+        # The teacher's module flags follow the classifier's (so Lightning sees no module stuck
+        # in eval mode); for its own pass it is in eval mode: no dropout, no statistics updates.
+        was_training = self.teacher.training
+        self.teacher.eval()
         if student is not None:
             mods = dict(self.teacher.named_modules())
             for name, bn in student.named_modules():
@@ -166,7 +163,8 @@ class DELTA(Regularizer):
                     pass
         finally:
             for t in switched:
-                t.training, t.track_running_stats = False, True
+                t.track_running_stats = True
+            self.teacher.train(was_training)
         return store
 
     @staticmethod
