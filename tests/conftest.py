@@ -1,8 +1,12 @@
 import os
 import warnings
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning: on a 2-core machine, spinning threads of one
+# process (or of the DDP/interrupt subprocesses, which inherit this) starve the others.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests are CPU-only and small; keep them single-threaded-friendly and quiet.
 os.environ.setdefault("PYTHONHASHSEED", "0")
