@@ -1,6 +1,6 @@
 """Cached-feature linear probe vs re-running the frozen backbone every epoch, on real data.
 
-    python benchmarks/cached_probe.py [--train 5000] [--epochs 5] [--image-size 64]
+    python -m benchmarks.cached_probe [--train 5000] [--epochs 5] [--image-size 64]
 
 Fashion-MNIST (Debian's files), ImageNet EfficientNet-Lite0 from the offline package, no
 augmentation (so both see identical inputs), LinearProbe for the same epochs with the same

@@ -1,6 +1,6 @@
 """Data pipeline throughput (images/s) vs what the model consumes in training.
 
-    python benchmarks/data_throughput.py [--image-size 64] [--batch 64]
+    python -m benchmarks.data_throughput [--image-size 64] [--batch 64]
 
 Fashion-MNIST from Debian's files, training transforms (random resized crop + flip),
 measured by draining the train loader: the per-image PIL/timm pipeline with 0, 1 and 2

@@ -1,6 +1,6 @@
 """Step time of frozen-backbone phases vs a full fine-tune, through lit-ft's own training step.
 
-    python benchmarks/frozen_step.py [--backbone efficientnet_lite0] [--image-size 64] [--batch 64]
+    python -m benchmarks.frozen_step [--backbone efficientnet_lite0] [--image-size 64] [--batch 64]
 
 Runs each freeze plan for the same number of steps on the same random batch, interleaved
 over several rounds, and reports median step times as ratios to the full fine-tune.

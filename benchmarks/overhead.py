@@ -1,6 +1,6 @@
 """Framework overhead: lit-ft's training step vs a hand-written PyTorch loop.
 
-    python benchmarks/overhead.py [--backbone resnet18] [--image-size 64] [--batches 32 64]
+    python -m benchmarks.overhead [--backbone resnet18] [--image-size 64] [--batches 32 64]
 
 Same model, same in-memory batches, same optimizer (AdamW), fp32, CPU. lit-ft runs its full
 Lightning step (freeze plan, per-group LRs, metrics, logging to TensorBoard every 50 steps);

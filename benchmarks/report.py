@@ -56,7 +56,9 @@ def median(xs: list[float]) -> float:
 
 
 def command() -> str:
-    return "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])
+    """How this benchmark was run, as a user would type it (from the repository root)."""
+    module = Path(sys.argv[0]).resolve().relative_to(ROOT).with_suffix("")
+    return "python -m " + ".".join(module.parts) + "".join(f" {a}" for a in sys.argv[1:])
 
 
 class IterTimer(L.Callback):

@@ -1,6 +1,6 @@
 """The effect of each speed option on training throughput, measured side by side.
 
-    python benchmarks/speed_options.py [--backbone efficientnet_lite0] [--image-size 64] [--batch 64]
+    python -m benchmarks.speed_options [--backbone efficientnet_lite0] [--image-size 64] [--batch 64]
 
 Each option is one line of YAML (model.channels_last, trainer.precision, model.compile,
 model.grad_checkpointing). Throughput is the median training iteration through lit-ft's
