@@ -24,14 +24,7 @@ TINY = [
 CKPTS = Path("runs/default/version_0/checkpoints")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models train fastest on one thread; on a shared machine two spinning OpenMP threads
-    are ~10x slower (measured: 17 s vs 1 s for a 2-epoch test_resnet fit)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
