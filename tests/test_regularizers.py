@@ -17,7 +17,7 @@ from lit_ft.errors import UserError
 from lit_ft.regularizers import BSS, DELTA, L1, L2, L2SP, Mixup, Regularizer, StepOutputs
 from lit_ft.regularizers.bss import smallest_singular_values
 from lit_ft.regularizers.delta import channel_view
-from lit_ft.schedules import FreezeUnfreeze, LinearProbe
+from lit_ft.schedules import FreezeUnfreeze
 from tests.helpers import snapshot, tiny_data, tiny_model, trainer
 
 SGD = dict(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
