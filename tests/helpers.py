@@ -40,3 +40,14 @@ def trainer(root, **kw) -> L.Trainer:
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class StopAfter(L.Callback):
+    """Interrupt a run after ``epochs`` epochs, keeping its config (for resume tests)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True

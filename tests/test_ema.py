@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_ft.callbacks import EMA, SWA
 from lit_ft.schedules import LinearProbe
-from tests.helpers import tiny_data, tiny_model, trainer
+from tests.helpers import StopAfter, tiny_data, tiny_model, trainer
 
 SGD = dict(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
 
@@ -84,15 +84,6 @@ def test_ema_of_a_frozen_parameter_is_the_parameter(tmp_path):
     body = [k for k in avg if not k.startswith("model.fc.")]
     assert all(torch.equal(avg[k], live[k]) for k in body)  # frozen (and their BN stats): identical
     assert not torch.equal(avg["model.fc.weight"], live["model.fc.weight"])
-
-
-class StopAfter(L.Callback):
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, module):
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
 
 
 def test_resume_restores_the_average_and_the_live_weights(tmp_path):

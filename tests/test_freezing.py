@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lit_ft.schedules import LPFT, FreezeUnfreeze, Full, Gradual, LinearProbe, Milestones, Surgical
-from tests.helpers import snapshot, tiny_data, tiny_model, trainer
+from tests.helpers import StopAfter, snapshot, tiny_data, tiny_model, trainer
 
 
 class RecordTrainable(L.Callback):
@@ -155,15 +155,6 @@ def test_lp_ft_restarts_the_lr_schedule_at_phase_two(tmp_path):
     assert lrs[1] > 0 and lrs[spe + 1] > 0
     # phase two's cosine spans the remaining 8 steps, ending near zero
     assert lrs[-1] < 0.3 * max(lrs[spe:])
-
-
-class StopAfter(L.Callback):
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, module):
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
 
 
 def _fit_and_resume(tmp_path, plan_factory, stop_epochs, total_epochs, **model_kw):
