@@ -1,0 +1,103 @@
+"""The strategy-suite report: numbers come from the runs' event files, the statistics are
+right, the findings say plainly who does not beat scratch, and the README keeps everything
+outside its markers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from benchmarks import experiments as ex
+
+
+def fake_run(runs: Path, strategy: str, fraction: float, seed: int, acc: float, seconds: float = 60.0,
+             images: float = 1000.0, finished: bool = True) -> None:
+    path = runs / f"{strategy}-{fraction * 100:g}pct" / f"seed{seed}"
+    w = SummaryWriter(str(path))
+    w.add_scalar("budget/train_seconds", seconds, 10)
+    w.add_scalar("budget/images_seen", images, 10)
+    if finished:
+        w.add_scalar("test/acc", acc, 10)
+    w.close()
+
+
+@pytest.fixture()
+def suite(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "full_ft", 0.01, 0, 0.60)
+    fake_run(runs, "full_ft", 0.01, 1, 0.62)
+    fake_run(runs, "full_ft", 0.01, 2, 0.99, finished=False)  # crashed before testing: left out
+    fake_run(runs, "linear_probe", 0.01, 0, 0.50)
+    fake_run(runs, "scratch", 0.01, 0, 0.55)
+    fake_run(runs, "scratch", 0.01, 1, 0.53)
+    fake_run(runs, "full_ft", 1.0, 0, 0.905, seconds=700)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n\n{ex.BEGIN}\nstale table\n{ex.END}\n\nafter\n")
+    return runs, tmp_path / "docs", readme
+
+
+def test_report_reads_runs_and_computes_statistics(suite):
+    runs, docs, readme = suite
+    rows = ex.write_results(ex.STRATEGIES, runs=runs, docs=docs, readme=readme)
+
+    assert [r["acc"] for r in rows[("full_ft", 0.01)]] == pytest.approx([0.60, 0.62])  # unfinished run skipped
+    assert rows[("full_ft", 0.01)][0]["wall"] >= 0
+    table = ex.fraction_table(rows, ex.STRATEGIES, 0.01)
+    # mean 61.0, sample sd of (60, 62) = 1.41; scratch mean 54.0
+    assert "| full_ft | 61.0 ± 1.4 | 0, 1 | 60.0 / 62.0 | +7.0 pts |" in table
+    assert "| linear_probe | 50.0 | 0 | 50.0 | -4.0 pts |" in table
+    assert "| gradual | not run |" in table
+
+    results = (docs / "results.md").read_text()
+    assert table in results
+    assert (docs / "results_accuracy_vs_time.png").stat().st_size > 10_000
+
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n\n") and text.endswith(f"{ex.END}\n\nafter\n")
+    assert "stale table" not in text
+    assert "| full_ft | 61.0 ± 1.4 (2) | 90.5 (1) |" in text
+    assert "DenseNet-BC" in text  # the published figures sit beside ours
+
+
+def test_findings_name_the_strategies_that_do_not_beat_scratch(suite):
+    runs, docs, readme = suite
+    rows = ex.collect(ex.STRATEGIES, runs)
+    facts = ex.findings(rows, ex.STRATEGIES, [0.01, 1.0])
+    assert any("not better than scratch (54.0%): linear_probe" in f for f in facts)
+    target = [f for f in facts if f.startswith("Best at 100%")]
+    assert len(target) == 1 and "full_ft, 90.5%" in target[0] and "is met" in target[0]
+
+
+def test_target_not_met_below_90_percent(tmp_path):
+    fake_run(tmp_path, "full_ft", 1.0, 0, 0.899)
+    facts = ex.findings(ex.collect(ex.STRATEGIES, tmp_path), ex.STRATEGIES, [1.0])
+    assert "**not met**" in facts[0]
+
+
+def test_every_strategy_beating_scratch_is_said_with_the_margins(tmp_path):
+    fake_run(tmp_path, "full_ft", 0.1, 0, 0.80)
+    fake_run(tmp_path, "gradual", 0.1, 0, 0.75)
+    fake_run(tmp_path, "scratch", 0.1, 0, 0.70)
+    facts = ex.findings(ex.collect(ex.STRATEGIES, tmp_path), ex.STRATEGIES, [0.1])
+    assert facts == ["At 10% of the labels every pretrained strategy run (2) beats scratch (70.0%), by 5.0 to 10.0 points."]
+
+
+def test_readme_without_markers_is_left_alone(suite, capsys):
+    runs, docs, readme = suite
+    readme.write_text("# no markers here\n")
+    ex.write_results(ex.STRATEGIES, runs=runs, docs=docs, readme=readme)
+    assert readme.read_text() == "# no markers here\n"
+    assert "no <!-- experiments:begin -->" in capsys.readouterr().out
+
+
+def test_unknown_strategy_is_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as err:
+        ex.main(["--strategies", "full_ft", "fulll_ft", "--report-only"])
+    assert err.value.code == 2
+    assert "fulll_ft" in capsys.readouterr().err
+
+
+def test_every_suite_strategy_has_a_config():
+    assert all((ex.CONFIGS / f"{s}.yaml").is_file() for s in ex.STRATEGIES)
