@@ -83,8 +83,8 @@ def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in cli.model.state_dict().items()}
 
 
-def resume_and_compare(uninterrupted: dict[str, torch.Tensor]) -> None:
-    cli = main(["fit", *ARGS, "--ckpt_path", "last"], return_cli=True)
+def resume_and_compare(uninterrupted: dict[str, torch.Tensor], extra: tuple[str, ...] = ()) -> None:
+    cli = main(["fit", *ARGS, *extra, "--ckpt_path", "last"], return_cli=True)
     assert cli.trainer.global_step == STEPS
     assert Path(cli.trainer.log_dir) == Path("runs/default/version_0")  # the same run continues
     got = cli.model.state_dict()
@@ -139,6 +139,22 @@ def test_ctrl_c_saves_after_the_batch_and_resume_matches_an_uninterrupted_run(un
     assert "interrupted by SIGINT at global step 3 (epoch 0)" in err and "--ckpt_path last" in err
     mid_epoch_checkpoint(step=3, batches=3, epoch=0)
     resume_and_compare(uninterrupted)
+
+
+@pytest.mark.parametrize("persistent", ["false", "true"])
+def test_ctrl_c_with_loader_worker_processes_resumes_at_the_same_batch(uninterrupted, capsys, persistent):
+    # Workers prefetch batches ahead of training; the saved position must count the batches
+    # trained on, not the ones prefetched, and the resumed loader's workers must skip exactly
+    # those. (A multi-worker iterator draws its index sampler twice on creation: the skip used
+    # to be spent on the discarded first draw, so the resumed epoch re-trained batches 0-1.)
+    workers = ("--data.num_workers", "2", "--data.persistent_workers", persistent)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *ARGS, *workers, "--trainer.callbacks+=tests.test_interrupt.SignalAt", "--trainer.callbacks.step", "3",
+              "--trainer.callbacks.signum", str(int(signal.SIGINT))])
+    assert exit_.value.code == 128 + signal.SIGINT
+    assert "interrupted by SIGINT at global step 3 (epoch 0)" in capsys.readouterr().err
+    mid_epoch_checkpoint(step=3, batches=3, epoch=0)
+    resume_and_compare(uninterrupted, workers)
 
 
 def test_sigterm_during_validation_saves_from_on_exception_and_resumes(uninterrupted, capsys):

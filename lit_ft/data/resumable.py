@@ -84,11 +84,16 @@ class _SkipFirst:
         self.sampler, self.skip = sampler, skip
 
     def __iter__(self) -> Iterator[Any]:
+        # A generator, so the skip is spent by the pass that is actually drawn from: a
+        # multi-worker iterator calls iter() twice on creation (in __init__ and in _reset) and
+        # draws only from the second; persistent workers re-iterate this object every epoch,
+        # and those later passes must be complete.
         iterator = iter(self.sampler)
-        skip, self.skip = self.skip, 0  # persistent workers re-iterate this object every epoch
-        for _ in range(skip):
-            next(iterator, None)
-        return iterator
+        if self.skip:
+            skip, self.skip = self.skip, 0
+            for _ in range(skip):
+                next(iterator, None)
+        yield from iterator
 
     def __len__(self) -> int:
         return len(self.sampler)
