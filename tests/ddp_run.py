@@ -1,7 +1,11 @@
-"""2-process DDP (gloo, CPU) run with gradual unfreezing; each rank saves its final weights.
+"""2-process DDP (gloo, CPU) fit; each rank saves its weights before and after.
 
-Run by tests/test_ddp.py as `python tests/ddp_gradual.py OUT_DIR`; Lightning's launcher
-starts the second rank by re-running this script.
+Run by tests/test_ddp.py as `python tests/ddp_run.py MODE OUT_DIR`; Lightning's launcher
+starts the second rank by re-running this script. MODE:
+
+- ``gradual``: gradual unfreezing, groups unfrozen mid-run (DDP must still sync them).
+- ``regularized``: full fine-tuning with L2-SP, DELTA (with channel attention), BSS, mixup and
+  an EMA of the weights; each rank also saves the EMA average.
 """
 
 import sys
@@ -12,13 +16,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lit_ft.callbacks import EMA  # noqa: E402
+from lit_ft.regularizers import BSS, DELTA, L2SP, Mixup  # noqa: E402
 from lit_ft.schedules import Gradual  # noqa: E402
 from tests.helpers import snapshot, tiny_data, tiny_model  # noqa: E402
 
 
-def main(out: Path) -> None:
+def main(mode: str, out: Path) -> None:
     L.seed_everything(0)
-    model = tiny_model(freeze=Gradual(every=1))
+    callbacks = []
+    if mode == "gradual":
+        model = tiny_model(freeze=Gradual(every=1))
+    elif mode == "regularized":
+        model = tiny_model(
+            regularizers=[L2SP(alpha=0.1, beta=0.01), DELTA(alpha=0.01, layers=["layer3", "layer4"], attention=True,
+                                                          attention_batches=2), BSS(eta=0.01)],
+            mixup=Mixup(mixup_alpha=0.2, cutmix_alpha=1.0),
+        )
+        callbacks.append(EMA(decay=0.9))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
     before = snapshot(model)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -31,11 +48,15 @@ def main(out: Path) -> None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        callbacks=callbacks,
     )
     # Shuffled, per-rank shards: ranks see different data, so only all-reduce keeps them equal.
     trainer.fit(model, tiny_data(train_size=128))
-    torch.save({"before": before, "after": snapshot(model)}, out / f"rank{trainer.global_rank}.pt")
+    saved = {"before": before, "after": snapshot(model)}
+    if callbacks:
+        saved["ema"] = {k: v.clone() for k, v in callbacks[0].average.items()}
+    torch.save(saved, out / f"rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -9,20 +9,29 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_ddp_gradual_unfreeze_keeps_ranks_identical(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+def run_ddp(mode: str, tmp_path: Path, port_offset: int) -> tuple[dict, dict]:
+    """Fit on 2 CPU ranks (tests/ddp_run.py MODE); return each rank's saved weights."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_PORT": str(29500 + port_offset + os.getpid() % 1000)}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "ddp_gradual.py"), str(tmp_path)],
+        [sys.executable, str(ROOT / "tests" / "ddp_run.py"), mode, str(tmp_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    params = [k for k in r0["after"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    return torch.load(tmp_path / "rank0.pt", weights_only=True), torch.load(tmp_path / "rank1.pt", weights_only=True)
+
+
+def assert_ranks_identical(r0: dict, r1: dict, key: str = "after") -> list[str]:
+    params = [k for k in r0[key] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert len(params) > 40
     for k in params:
-        assert torch.equal(r0["after"][k], r1["after"][k]), f"ranks diverged at {k}"
+        assert torch.equal(r0[key][k], r1[key][k]), f"ranks diverged at {k} ({key})"
+    return params
+
+
+@pytest.mark.slow
+def test_ddp_gradual_unfreeze_keeps_ranks_identical(tmp_path):
+    r0, r1 = run_ddp("gradual", tmp_path, 0)
+    assert_ranks_identical(r0, r1)
     # BN running stats are per-rank buffers: DDP broadcasts rank 0's before every forward, so they
     # differ by the last batch's update only (use trainer.sync_batchnorm to make them global).
     # Gradual(every=1) over 4 epochs on test_resnet (6 groups): layer4 unfreezes at epoch 1,
@@ -33,3 +42,19 @@ def test_ddp_gradual_unfreeze_keeps_ranks_identical(tmp_path):
     assert changed("model.layer2.0.conv1.weight")
     assert not changed("model.layer1.0.conv1.weight")
     assert not changed("model.conv1.0.weight")
+
+
+@pytest.mark.slow
+def test_ddp_with_every_regularizer_and_ema_keeps_ranks_identical(tmp_path):
+    # L2-SP's anchors, DELTA's teacher and channel weights, BSS's SVD and mixup all run per rank
+    # on different data; the parameters must still be all-reduced into one model, and the EMA
+    # (updated from those parameters) must agree too.
+    r0, r1 = run_ddp("regularized", tmp_path, 500)
+    params = assert_ranks_identical(r0, r1)
+    assert_ranks_identical(r0, r1, key="ema")
+    assert all(not torch.equal(r0["before"][k], r0["after"][k]) for k in ("model.fc.weight", "model.conv1.0.weight"))
+    # the anchors and the teacher are the starting weights on both ranks, untouched by training
+    teacher = [k for k in params if ".teacher." in k]
+    assert len(teacher) > 20
+    for k in teacher:
+        assert torch.equal(r0["after"][k], r0["before"][k]) and torch.equal(r1["after"][k], r0["before"][k]), k
