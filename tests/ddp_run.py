@@ -52,7 +52,7 @@ def main(mode: str, out: Path) -> None:
     )
     # Shuffled, per-rank shards: ranks see different data, so only all-reduce keeps them equal.
     trainer.fit(model, tiny_data(train_size=128))
-    saved = {"before": before, "after": snapshot(model)}
+    saved = {"before": before, "after": snapshot(model), "images_seen": model.images_seen}
     if callbacks:
         saved["ema"] = {k: v.clone() for k, v in callbacks[0].average.items()}
     torch.save(saved, out / f"rank{trainer.global_rank}.pt")

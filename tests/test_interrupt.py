@@ -86,6 +86,7 @@ def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
 def resume_and_compare(uninterrupted: dict[str, torch.Tensor], extra: tuple[str, ...] = ()) -> None:
     cli = main(["fit", *ARGS, *extra, "--ckpt_path", "last"], return_cli=True)
     assert cli.trainer.global_step == STEPS
+    assert cli.model.images_seen == STEPS * 8  # the budget counts on across the interruption
     assert Path(cli.trainer.log_dir) == Path("runs/default/version_0")  # the same run continues
     got = cli.model.state_dict()
     assert got.keys() == uninterrupted.keys()

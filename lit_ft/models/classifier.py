@@ -200,6 +200,11 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch  # y: hard labels (B,); train accuracy always uses them
+        # Counted here, not in on_train_batch_end: callbacks' on_train_batch_end (a step-interval
+        # or interrupt checkpoint) runs before the module's and would save a count one batch
+        # behind. All ranks' images: under DDP each rank gets an equal share of every step
+        # (Lightning's distributed sampler pads the last), so this rank's batch x world size.
+        self.images_seen += int(x.shape[0]) * self.trainer.world_size
         x, targets = self._mix(x, y, batch_idx) if self.mixup is not None else (x, y)
         with contextlib.ExitStack() as hooks:  # e.g. DELTA hooks the feature maps of this pass
             for reg in self.regularizers:
@@ -426,14 +431,11 @@ class ImageClassifier(L.LightningModule):
             set_bn_modes(self.model, self.groups, self._applied, self.freeze.train_bn, self.freeze.freeze_bn_stats)
         return self
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.images_seen += int(batch[0].shape[0])
-
     def on_train_epoch_end(self) -> None:
         # Budget bookkeeping, read back by benchmarks/experiments.py from the logs.
         elapsed = self._fit_elapsed_before + time.perf_counter() - self._fit_started
-        self.log("budget/images_seen", float(self.images_seen), on_epoch=True, sync_dist=False, reduce_fx="max")
-        self.log("budget/train_seconds", elapsed, on_epoch=True, reduce_fx="max")
+        self.log("budget/images_seen", float(self.images_seen), on_epoch=True, sync_dist=True, reduce_fx="max")
+        self.log("budget/train_seconds", elapsed, on_epoch=True, sync_dist=True, reduce_fx="max")
 
     def on_train_epoch_start(self) -> None:
         self._maybe_restart_schedule()
