@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lit_ft.callbacks import EMA  # noqa: E402
 from lit_ft.regularizers import BSS, DELTA, L2SP, Mixup  # noqa: E402
 from lit_ft.schedules import Gradual  # noqa: E402
-from tests.helpers import snapshot, tiny_data, tiny_model  # noqa: E402
+from tests.helpers import snapshot, tiny_data, tiny_model, trainer as make_trainer  # noqa: E402
 
 
 def main(mode: str, out: Path) -> None:
@@ -37,19 +37,8 @@ def main(mode: str, out: Path) -> None:
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     before = snapshot(model)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=callbacks,
-    )
+    trainer = make_trainer(out, devices=2, strategy="ddp", max_epochs=4, deterministic=False, limit_val_batches=0,
+                           callbacks=callbacks)
     # Shuffled, per-rank shards: ranks see different data, so only all-reduce keeps them equal.
     trainer.fit(model, tiny_data(train_size=128))
     saved = {"before": before, "after": snapshot(model), "images_seen": model.images_seen}

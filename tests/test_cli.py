@@ -124,14 +124,50 @@ def test_python_m_lit_ft_runs_the_same_cli():
     assert proc.returncode == 0 and "--model.backbone" in proc.stdout and "--model.freeze" in proc.stdout
 
 
+def _uses_ddp(config: Path) -> bool:
+    return "ddp" in str((yaml.safe_load(config.read_text()).get("trainer") or {}).get("strategy", ""))
+
+
 @pytest.mark.parametrize("config", sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml")), ids=str)
 def test_every_config_runs_with_fast_dev_run(config):
+    # In-process here (one device: Lightning's DDP launcher would re-run pytest's argv); the DDP
+    # configs also run as a user runs them in test_a_ddp_config_runs_from_the_command_line.
+    one_device = ["--trainer.strategy", "auto", "--trainer.devices", "1"] if _uses_ddp(ROOT / config) else []
     cli = main(
-        ["fit", "--config", str(ROOT / config), "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false"],
+        ["fit", "--config", str(ROOT / config), "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false", *one_device],
         return_cli=True,
     )
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 2
+
+
+DDP_CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml") if _uses_ddp(p))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", DDP_CONFIGS, ids=str)
+def test_a_ddp_config_runs_from_the_command_line(config, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_PORT": str(31000 + os.getpid() % 1000)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lit_ft", "fit", "--config", str(ROOT / config), "--trainer.max_steps", "3",
+         "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2", "--data.init_args.train_subset", "640",
+         "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = (tmp_path / Path(config).stem).iterdir()
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    per_rank = yaml.safe_load((ROOT / config).read_text())["data"]["init_args"]["batch_size"]
+    # both processes trained (images seen = 3 steps x 2 ranks x batch), and the test ran
+    assert acc.Scalars("budget/images_seen")[-1].value == 3 * 2 * per_rank
+    assert "test/acc" in acc.Tags()["scalars"]
 
 
 def test_a_lit_ft_checkpoint_is_a_weight_source_for_a_new_task():
