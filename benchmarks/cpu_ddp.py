@@ -1,10 +1,11 @@
-"""On a multi-core CPU: one training process using every core vs DDP with one process per core.
+"""On a multi-core CPU: one training process using every core vs DDP with one process per core,
+and DDP with the lowest layer groups frozen (the backward pass stops above them).
 
     python -m benchmarks.cpu_ddp [--steps 70] [--rounds 2]
 
-Both run `lit-ft fit` on the suite's layer-decay recipe (configs/experiments/layer_decay.yaml
-and layer_decay_ddp.yaml: EfficientNet-Lite0, Fashion-MNIST, 64 px, 64 images per optimizer
-step in all), alternating over rounds so both see the same machine load. Throughput is the
+Each runs `lit-ft fit` on the suite's layer-decay recipe (configs/experiments/layer_decay.yaml,
+layer_decay_ddp.yaml, cpu_best.yaml: EfficientNet-Lite0, Fashion-MNIST, 64 px, 64 images per
+optimizer step in all), alternating over rounds so all see the same machine load. Throughput is the
 optimizer steps between the 10th and the last logged step over the wall time between them
 (from the runs' event files), times 64 images.
 """
@@ -24,6 +25,7 @@ from benchmarks.report import ROOT, command, table, write_section
 VARIANTS = {
     "one process, all cores as threads (batch 64)": "configs/experiments/layer_decay.yaml",
     "DDP, one process per core (batch 32 each)": "configs/experiments/layer_decay_ddp.yaml",
+    "DDP + stem, blocks.0-1 frozen (cpu_best)": "configs/experiments/cpu_best.yaml",
 }
 GLOBAL_BATCH = 64
 

@@ -128,7 +128,8 @@ def fraction_table(rows: dict, strategies: list[str], fraction: float) -> str:
     for s in strategies:
         rs = rows.get((s, fraction))
         if not rs:
-            lines.append(f"| {s} | not run | | | | | | |")
+            if s in STRATEGIES:  # a suite strategy missing is worth saying; an extra config is not
+                lines.append(f"| {s} | not run | | | | | | |")
             continue
         mean, _, n = _stats(rs)
         per_seed = " / ".join(f"{r['acc'] * 100:.1f}" for r in rs)
@@ -147,10 +148,12 @@ def headline_table(rows: dict, strategies: list[str], fractions: list[float]) ->
     head = " | ".join(f"{f * 100:g}% labels ({round(f * TRAIN_POOL):,})" for f in fractions)
     lines = [f"| strategy | {head} |", "|---|" + "---|" * len(fractions)]
     for s in strategies:
+        if s not in STRATEGIES and not any((s, f) in rows for f in fractions):
+            continue
         cells = []
         for f in fractions:
             rs = rows.get((s, f))
-            cells.append(f"{_acc_cell(rs)} ({len(rs)})" if rs else "not run")
+            cells.append(f"{_acc_cell(rs)} ({len(rs)})" if rs else "-")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -33,6 +33,7 @@ def suite(tmp_path):
     fake_run(runs, "scratch", 0.01, 0, 0.55)
     fake_run(runs, "scratch", 0.01, 1, 0.53)
     fake_run(runs, "full_ft", 1.0, 0, 0.905, seconds=700)
+    fake_run(runs, "cpu_best", 1.0, 0, 0.91)  # an extra config, run at 100% only
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nbefore\n\n{ex.BEGIN}\nstale table\n{ex.END}\n\nafter\n")
     return runs, tmp_path / "docs", readme
@@ -40,15 +41,15 @@ def suite(tmp_path):
 
 def test_report_reads_runs_and_computes_statistics(suite):
     runs, docs, readme = suite
-    rows = ex.write_results(ex.STRATEGIES, runs=runs, docs=docs, readme=readme)
+    rows = ex.write_results(ex.STRATEGIES + ["cpu_best"], runs=runs, docs=docs, readme=readme)
 
     assert [r["acc"] for r in rows[("full_ft", 0.01)]] == pytest.approx([0.60, 0.62])  # unfinished run skipped
     assert rows[("full_ft", 0.01)][0]["wall"] >= 0
-    table = ex.fraction_table(rows, ex.STRATEGIES, 0.01)
+    table = ex.fraction_table(rows, ex.STRATEGIES + ["cpu_best"], 0.01)
     # mean 61.0, sample sd of (60, 62) = 1.41; scratch mean 54.0
     assert "| full_ft | 61.0 ± 1.4 | 0, 1 | 60.0 / 62.0 | +7.0 pts |" in table
     assert "| linear_probe | 50.0 | 0 | 50.0 | -4.0 pts |" in table
-    assert "| gradual | not run |" in table
+    assert "| gradual | not run |" in table and "cpu_best" not in table  # extras only where run
 
     results = (docs / "results.md").read_text()
     assert table in results
@@ -58,6 +59,7 @@ def test_report_reads_runs_and_computes_statistics(suite):
     assert text.startswith("# title\n\nbefore\n\n") and text.endswith(f"{ex.END}\n\nafter\n")
     assert "stale table" not in text
     assert "| full_ft | 61.0 ± 1.4 (2) | 90.5 (1) |" in text
+    assert "| cpu_best | - | 91.0 (1) |" in text and "| gradual | - | - |" in text
     assert "DenseNet-BC" in text  # the published figures sit beside ours
 
 
@@ -67,7 +69,7 @@ def test_findings_name_the_strategies_that_do_not_beat_scratch(suite):
     facts = ex.findings(rows, ex.STRATEGIES, [0.01, 1.0])
     assert any("not better than scratch (54.0%): linear_probe" in f for f in facts)
     target = [f for f in facts if f.startswith("Best at 100%")]
-    assert len(target) == 1 and "full_ft, 90.5%" in target[0] and "is met" in target[0]
+    assert len(target) == 1 and "full_ft, 90.5%" in target[0] and "is met" in target[0]  # cpu_best not asked for
 
 
 def test_target_not_met_below_90_percent(tmp_path):
