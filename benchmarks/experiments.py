@@ -173,6 +173,10 @@ def findings(rows: dict, strategies: list[str], fractions: list[float]) -> list[
             f"{'met' if met else '**not met**'}."
         )
     for f in fractions:
+        ran = sorted((s for s in strategies if (s, f) in rows), key=lambda s: -_stats(rows[(s, f)])[0])
+        if f != 1.0 and len(ran) > 1:
+            ranked = ", ".join(f"{s} {_stats(rows[(s, f)])[0]:.1f}" for s in ran)
+            out.append(f"At {f * 100:g}% of the labels, best first: {ranked}.")
         base = rows.get((BASELINE, f))
         if not base:
             continue

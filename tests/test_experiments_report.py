@@ -83,7 +83,10 @@ def test_every_strategy_beating_scratch_is_said_with_the_margins(tmp_path):
     fake_run(tmp_path, "gradual", 0.1, 0, 0.75)
     fake_run(tmp_path, "scratch", 0.1, 0, 0.70)
     facts = ex.findings(ex.collect(ex.STRATEGIES, tmp_path), ex.STRATEGIES, [0.1])
-    assert facts == ["At 10% of the labels every pretrained strategy run (2) beats scratch (70.0%), by 5.0 to 10.0 points."]
+    assert facts == [
+        "At 10% of the labels, best first: full_ft 80.0, gradual 75.0, scratch 70.0.",
+        "At 10% of the labels every pretrained strategy run (2) beats scratch (70.0%), by 5.0 to 10.0 points.",
+    ]
 
 
 def test_readme_without_markers_is_left_alone(suite, capsys):
