@@ -159,7 +159,7 @@ def headline_table(rows: dict, strategies: list[str], fractions: list[float]) ->
 
 
 def findings(rows: dict, strategies: list[str], fractions: list[float]) -> list[str]:
-    """Plain statements computed from the runs: the CPU target, and who beats scratch."""
+    """Plain statements computed from the runs: the CPU target, the ranking, who beats scratch."""
     out = []
     full = [(s, rows[(s, 1.0)]) for s in strategies if (s, 1.0) in rows]
     if full:
@@ -173,9 +173,9 @@ def findings(rows: dict, strategies: list[str], fractions: list[float]) -> list[
             f"{'met' if met else '**not met**'}."
         )
     for f in fractions:
-        ran = sorted((s for s in strategies if (s, f) in rows), key=lambda s: -_stats(rows[(s, f)])[0])
-        if f != 1.0 and len(ran) > 1:
-            ranked = ", ".join(f"{s} {_stats(rows[(s, f)])[0]:.1f}" for s in ran)
+        means = {s: _stats(rows[(s, f)])[0] for s in strategies if (s, f) in rows}
+        if f != 1.0 and len(means) > 1:
+            ranked = ", ".join(f"{s} {m:.1f}" for s, m in sorted(means.items(), key=lambda x: -x[1]))
             out.append(f"At {f * 100:g}% of the labels, best first: {ranked}.")
         base = rows.get((BASELINE, f))
         if not base:
