@@ -257,7 +257,8 @@ def _plot(rows: dict, strategies: list[str], docs: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 5))
     markers = {0.01: "o", 0.1: "s", 1.0: "^"}
-    colors = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # 7 is grey: kept for the references
+    # tab10 without its grey (kept for the references), then darker extras: no two strategies share a colour
+    colors = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] + ["black", "navy", "darkgreen", "maroon"]
     for i, strategy in enumerate(strategies):
         color = colors[i % len(colors)]
         pts = []
