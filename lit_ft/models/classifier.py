@@ -41,6 +41,10 @@ class ImageClassifier(L.LightningModule):
         class_names: class names, stored in checkpoints so ``predict`` needs no dataset.
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth rate (models that support it).
+        head_init: initialisation of the new head: ``zeros`` (default: every logit 0 at the
+            start, loss ln C), ``normal`` (N(0, 0.01)) or ``timm`` (the model family's own, meant
+            for training from scratch; large for EfficientNet/MobileNet). A head loaded from
+            ``pretrained`` is never touched.
         label_smoothing: cross-entropy label smoothing (also applied to mixup's soft targets).
         regularizers: loss-side regularizers (``lit_ft.regularizers``): L2SP, DELTA, BSS, L1, L2;
             each term is added to the training loss and logged as ``reg/<name>``.
@@ -81,6 +85,7 @@ class ImageClassifier(L.LightningModule):
         class_names: Optional[list[str]] = None,
         drop_rate: float = 0.0,
         drop_path_rate: Optional[float] = None,
+        head_init: B.HeadInit = "zeros",
         label_smoothing: float = 0.0,
         regularizers: Optional[list[Regularizer]] = None,
         mixup: Optional[Mixup] = None,
@@ -124,7 +129,7 @@ class ImageClassifier(L.LightningModule):
             raise UserError(f"only one class ({class_names[0] if class_names else 0}): a classifier needs at least 2", "add a folder per class")
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.model = B.create_backbone(backbone, num_classes, pretrained, drop_rate, drop_path_rate)
+        self.model = B.create_backbone(backbone, num_classes, pretrained, drop_rate, drop_path_rate, head_init)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         if grad_checkpointing:
