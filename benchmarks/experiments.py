@@ -3,6 +3,7 @@
     python benchmarks/experiments.py --fractions 0.01 0.1 --seeds 0 1
     python benchmarks/experiments.py --strategies full_ft --fractions 1.0 --epochs 1.0=3
     python benchmarks/experiments.py --report-only          # rebuild the tables and plot
+    python benchmarks/experiments.py --strategies full_ft --fractions 0.1 --tag timm_head --set model.head_init=timm
 
 Runs `lit-ft fit --config configs/experiments/<strategy>.yaml` once per
 (strategy, fraction, seed) in a subprocess, with `train_subset`, `max_epochs` and the seed
@@ -13,6 +14,11 @@ the tables and a plot of test accuracy vs wall time to docs/results.md and
 docs/results_accuracy_vs_time.png, and the headline table into README.md (between the
 `<!-- experiments:begin -->` / `<!-- experiments:end -->` markers). Runs that already finished
 are not re-run, so the suite can be extended a piece at a time.
+
+A variant (`--tag NAME --set KEY=VALUE ...`) runs a strategy with extra config overrides into
+runs/experiments/<strategy>+<NAME>-<pct>pct, which records them in `overrides.txt`. Variants
+appear in the per-fraction tables as `<strategy>+<NAME>` with their overrides spelled out,
+and stay out of the ranking, the comparisons with scratch, the headline table and the plot.
 """
 
 from __future__ import annotations
@@ -53,6 +59,25 @@ def run_dir(strategy: str, fraction: float, seed: int) -> Path:
     return RUNS / f"{strategy}-{fraction * 100:g}pct" / f"seed{seed}"
 
 
+def base_strategy(name: str) -> str:
+    """``full_ft+timm_head`` -> ``full_ft``: the config a variant runs."""
+    return name.split("+", 1)[0]
+
+
+def is_variant(name: str) -> bool:
+    return "+" in name
+
+
+def variants(runs: Path | None = None) -> dict[str, list[str]]:
+    """{``strategy+tag``: its overrides} for every variant with runs, read from ``overrides.txt``."""
+    out: dict[str, list[str]] = {}
+    for d in sorted((runs or RUNS).glob("*+*-*pct")):
+        name = d.name.rsplit("-", 1)[0]
+        f = d / "overrides.txt"
+        out.setdefault(name, f.read_text().split() if f.is_file() else [])
+    return out
+
+
 def read_run(path: Path) -> dict | None:
     """test/acc, the budget scalars and the wall time of a finished run, from its event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -76,16 +101,22 @@ def read_run(path: Path) -> dict | None:
     }
 
 
-def launch(strategy: str, fraction: float, seed: int, epochs: int) -> None:
+def launch(strategy: str, fraction: float, seed: int, epochs: int, overrides: list[str] = ()) -> None:
     out = run_dir(strategy, fraction, seed)
+    if overrides:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (out.parent / "overrides.txt").write_text("\n".join(overrides) + "\n")
     cmd = [
-        sys.executable, "-m", "lit_ft", "fit", "--config", str(CONFIGS / f"{strategy}.yaml"),
+        sys.executable, "-m", "lit_ft", "fit", "--config", str(CONFIGS / f"{base_strategy(strategy)}.yaml"),
         "--data.init_args.train_subset", str(fraction), "--trainer.max_epochs", str(epochs),
         "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
         "--trainer.logger.init_args.save_dir", str(out.parent.parent),
         "--trainer.logger.init_args.name", out.parent.name, "--trainer.logger.init_args.version", out.name,
         "--trainer.enable_progress_bar", "false", "--checkpoint.save_last", "false",
     ]
+    for kv in overrides:  # KEY=VALUE -> --KEY VALUE, after the suite's own so they win
+        key, value = kv.split("=", 1)
+        cmd += [f"--{key}", value]
     print(f"[experiments] {strategy} {fraction:g} seed {seed}: {epochs} epochs", flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
 
@@ -208,11 +239,18 @@ def write_results(strategies: list[str], runs: Path = RUNS, docs: Path = DOCS, r
         print("no finished runs")
         return rows
     fractions = sorted({f for _, f in rows})
-    facts = findings(rows, strategies, fractions)
-    _plot(rows, strategies, docs)
+    suite = [s for s in strategies if not is_variant(s)]  # variants: tables only
+    facts = findings(rows, suite, fractions)
+    _plot(rows, suite, docs)
+    ran_variants = {v: o for v, o in variants(runs).items() if v in strategies and any((v, f) in rows for f in fractions)}
+    legend = "".join(
+        f"\n- `{v}`: `{base_strategy(v)}` with " + ", ".join(f"`{o}`" for o in overrides) + "." for v, overrides in ran_variants.items()
+    )
     tables = "\n\n".join(
         f"### {f * 100:g}% of the labels ({round(f * TRAIN_POOL):,} images)\n\n{fraction_table(rows, strategies, f)}" for f in fractions
     )
+    if legend:
+        tables += "\n\nVariants (`--tag`/`--set`; not in the ranking, the headline table or the plot):" + legend
     section = (
         "## Strategies at 1%, 10% and 100% of the labels\n\n"
         "Written by `python benchmarks/experiments.py` from the runs' TensorBoard event files. Fashion-MNIST, "
@@ -229,7 +267,7 @@ def write_results(strategies: list[str], runs: Path = RUNS, docs: Path = DOCS, r
     )
     _write_section(docs / "results.md", "Strategies at 1%, 10% and 100% of the labels", section)
     headline = (
-        f"{headline_table(rows, strategies, fractions)}\n\n"
+        f"{headline_table(rows, suite, fractions)}\n\n"
         + "\n".join(f"- {x}" for x in facts)
         + f"\n\n{anchors_table()}\n\n![test accuracy vs wall time](docs/results_accuracy_vs_time.png)\n"
     )
@@ -307,7 +345,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--epochs", nargs="*", default=[], help="per-fraction epochs, e.g. 1.0=3 0.01=20")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables and plot from existing runs")
+    p.add_argument("--tag", help="run a variant: runs go to <strategy>+<tag>-<pct>pct (needs --set)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for the variant, e.g. model.head_init=timm")
     args = p.parse_args(argv)
+    if bool(args.tag) != bool(args.set):
+        p.error("--tag and --set go together: a variant needs a name and its overrides")
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9_]+", args.tag):
+        p.error(f"--tag {args.tag!r}: use letters, digits and _ only")
+    bad = [kv for kv in args.set if "=" not in kv or kv.startswith("-")]
+    if bad:
+        p.error(f"--set {bad[0]!r}: write KEY=VALUE, e.g. model.head_init=timm")
     unknown = [s for s in args.strategies if not (CONFIGS / f"{s}.yaml").is_file()]
     if unknown:
         p.error(f"no configs/experiments/<name>.yaml for {', '.join(unknown)}; known: {', '.join(sorted(c.stem for c in CONFIGS.glob('*.yaml')))}")
@@ -317,10 +364,17 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             for fraction in args.fractions:
                 for strategy in args.strategies:
-                    if read_run(run_dir(strategy, fraction, seed)) is None:
-                        launch(strategy, fraction, seed, epochs.get(fraction, 4))
-    # The report always covers every strategy that has runs, not only the ones just run.
-    write_results(STRATEGIES + sorted(c.stem for c in CONFIGS.glob("*.yaml") if c.stem not in STRATEGIES))
+                    name = f"{strategy}+{args.tag}" if args.tag else strategy
+                    done = variants().get(name) if args.tag else None
+                    if done is not None and done != args.set:
+                        sys.exit(f"[experiments] {name} already has runs with {' '.join(done)}; choose another --tag")
+                    if read_run(run_dir(name, fraction, seed)) is None:
+                        launch(name, fraction, seed, epochs.get(fraction, 4), args.set)
+    # The report always covers every strategy that has runs, not only the ones just run;
+    # each variant sits right under the strategy it varies.
+    names = STRATEGIES + sorted(c.stem for c in CONFIGS.glob("*.yaml") if c.stem not in STRATEGIES)
+    found = variants()
+    write_results([x for n in names for x in [n] + sorted(v for v in found if base_strategy(v) == n)])
 
 
 if __name__ == "__main__":

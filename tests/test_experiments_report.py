@@ -106,3 +106,52 @@ def test_unknown_strategy_is_refused_before_anything_runs(capsys):
 
 def test_every_suite_strategy_has_a_config():
     assert all((ex.CONFIGS / f"{s}.yaml").is_file() for s in ex.STRATEGIES)
+
+
+def test_variant_rows_sit_under_their_strategy_with_overrides_and_stay_out_of_the_findings(suite):
+    runs, docs, readme = suite
+    fake_run(runs, "full_ft+timm_head", 0.01, 0, 0.40)  # worse than scratch, but only a variant
+    (runs / "full_ft+timm_head-1pct" / "overrides.txt").write_text("model.head_init=timm\n")
+    names = ["linear_probe", "full_ft", "full_ft+timm_head", "scratch", "cpu_best"]
+    assert ex.variants(runs) == {"full_ft+timm_head": ["model.head_init=timm"]}
+    rows = ex.write_results(names, runs=runs, docs=docs, readme=readme)
+
+    table = ex.fraction_table(rows, names, 0.01)
+    lines = table.splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith("| full_ft |"))
+    assert lines[i + 1] == "| full_ft+timm_head | 40.0 | 0 | 40.0 | -14.0 pts | 0.0 | 1.0 | 1k |"
+    results = (docs / "results.md").read_text()
+    assert "- `full_ft+timm_head`: `full_ft` with `model.head_init=timm`." in results
+    facts = ex.findings(rows, [n for n in names if not ex.is_variant(n)], [0.01])
+    assert not any("timm_head" in f for f in facts)
+    assert "not better than scratch (54.0%): linear_probe." in " ".join(facts)  # the variant (40%) is not named
+    assert "timm_head" not in readme.read_text()  # headline: the suite only
+
+
+def test_variant_launch_passes_overrides_after_the_suite_and_records_them(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ex, "RUNS", tmp_path)
+    monkeypatch.setattr(ex.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(ex, "write_results", lambda names: calls.append(names))
+    ex.main(["--strategies", "full_ft", "--fractions", "0.1", "--tag", "timm_head", "--set", "model.head_init=timm"])
+    cmd = calls[0]
+    assert cmd[cmd.index("--config") + 1].endswith("configs/experiments/full_ft.yaml")
+    assert cmd[-2:] == ["--model.head_init", "timm"] and cmd.index("--trainer.max_epochs") < len(cmd) - 2
+    assert cmd[cmd.index("--trainer.logger.init_args.name") + 1] == "full_ft+timm_head-10pct"
+    assert (tmp_path / "full_ft+timm_head-10pct" / "overrides.txt").read_text() == "model.head_init=timm\n"
+    assert "full_ft+timm_head" in calls[1] and calls[1].index("full_ft+timm_head") == calls[1].index("full_ft") + 1
+    # The same tag with other overrides would mix two variants under one name: refused.
+    with pytest.raises(SystemExit, match="already has runs with model.head_init=timm"):
+        ex.main(["--strategies", "full_ft", "--fractions", "0.1", "--tag", "timm_head", "--set", "model.head_init=normal"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tag", "x"], "--tag and --set go together"),
+    (["--set", "model.head_init=timm"], "--tag and --set go together"),
+    (["--tag", "a/b", "--set", "model.head_init=timm"], "letters, digits and _"),
+    (["--tag", "x", "--set", "model.head_init"], "write KEY=VALUE"),
+])
+def test_bad_variant_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        ex.main(["--strategies", "full_ft", *argv])
+    assert err.value.code == 2 and message in capsys.readouterr().err
