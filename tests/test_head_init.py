@@ -73,3 +73,19 @@ def test_zeros_head_trains_and_passes_gradient_to_the_backbone_after_one_step():
 def test_unknown_head_init_is_refused():
     with pytest.raises(UserError, match="(?s)unknown head_init 'xavier'.*timm, zeros, normal"):
         B.create_backbone("test_resnet", 3, head_init="xavier")
+
+
+@pytest.mark.parametrize("num_classes, fresh", [(3, True), (10, False)])
+def test_hub_weights_head_is_reinitialised_only_when_timm_dropped_it(monkeypatch, num_classes, fresh):
+    """``pretrained: true``: timm keeps the hub classifier only when the class count matches."""
+    real = timm.create_model
+
+    def fake_hub(name, pretrained=False, **kw):  # no network here: a random model posing as hub weights
+        torch.manual_seed(0)
+        model = real(name, **kw)
+        model.pretrained_cfg = {**model.pretrained_cfg, "num_classes": 10}
+        return model
+
+    monkeypatch.setattr(B.timm, "create_model", fake_hub)
+    model = B.create_backbone("test_resnet", num_classes, pretrained=True, head_init="zeros")
+    assert (not model.fc.weight.any()) == fresh
