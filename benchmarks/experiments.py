@@ -15,6 +15,11 @@ docs/results_accuracy_vs_time.png, and the headline table into README.md (betwee
 `<!-- experiments:begin -->` / `<!-- experiments:end -->` markers). Runs that already finished
 are not re-run, so the suite can be extended a piece at a time.
 
+Each finished run's numbers, as read from its event files, are also kept one line per run in
+docs/results_runs.jsonl (committed; runs/ is not). The report reads that file and then the
+event files under runs/ (a run there replaces its line), so `--report-only` rebuilds the same
+tables on a fresh clone. To drop a result, delete its run directory and its line.
+
 A variant (`--tag NAME --set KEY=VALUE ...`) runs a strategy with extra config overrides into
 runs/experiments/<strategy>+<NAME>-<pct>pct, which records them in `overrides.txt`. Variants
 appear in the per-fraction tables as `<strategy>+<NAME>` with their overrides spelled out,
@@ -24,11 +29,13 @@ and stay out of the ranking, the comparisons with scratch, the headline table an
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import statistics
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,6 +44,7 @@ CONFIGS = ROOT / "configs" / "experiments"
 RUNS = ROOT / "runs" / "experiments"
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
+RECORDS_NAME = "results_runs.jsonl"  # under docs/: every finished run's numbers, read from its event files
 STRATEGIES = ["linear_probe", "full_ft", "freeze_unfreeze", "gradual", "lp_ft", "layer_decay", "regularized", "scratch"]
 BASELINE = "scratch"  # the same architecture from random init, same budget
 # Epochs per label fraction: fewer images get more passes (the budget grows with the data).
@@ -68,14 +76,45 @@ def is_variant(name: str) -> bool:
     return "+" in name
 
 
-def variants(runs: Path | None = None) -> dict[str, list[str]]:
-    """{``strategy+tag``: its overrides} for every variant with runs, read from ``overrides.txt``."""
+def variants(runs: Path | None = None, records: Path | None = None) -> dict[str, list[str]]:
+    """{``strategy+tag``: its overrides} for every variant with runs (``overrides.txt``) or records."""
     out: dict[str, list[str]] = {}
     for d in sorted((runs or RUNS).glob("*+*-*pct")):
         name = d.name.rsplit("-", 1)[0]
         f = d / "overrides.txt"
         out.setdefault(name, f.read_text().split() if f.is_file() else [])
+    for r in load_records(records):
+        if is_variant(r["strategy"]):
+            out.setdefault(r["strategy"], r["overrides"])
+    return dict(sorted(out.items()))
+
+
+def load_records(path: Path | None) -> list[dict]:
+    """The committed per-run lines (see the module doc); none when ``path`` is None or missing."""
+    if path is None or not path.is_file():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            float(r["fraction"]), float(r["acc"]), str(r["strategy"]), str(r["seed"])
+        except (ValueError, KeyError, TypeError) as e:
+            sys.exit(f"[experiments] {path}:{n}: not a run record ({e!r}); fix or delete that line")
+        out.append(r)
     return out
+
+
+def save_records(path: Path, rows: dict[tuple[str, float], list[dict]]) -> None:
+    """One JSON line per run, sorted, so the file diffs cleanly as runs are added."""
+    lines = [
+        json.dumps({"strategy": s, "fraction": f, **{k: r.get(k) for k in ("seed", "acc", "seconds", "images", "wall", "finished")},
+                    "overrides": r.get("overrides", [])}, sort_keys=False)
+        for (s, f), rs in sorted(rows.items()) for r in rs
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
 
 
 def read_run(path: Path) -> dict | None:
@@ -98,6 +137,7 @@ def read_run(path: Path) -> dict | None:
         # From the logger's first event (the fit starting) to the test result: fit + test,
         # without the few seconds of Python start-up before the logger exists.
         "wall": test.wall_time - acc.FirstEventTimestamp(),
+        "finished": time.strftime("%Y-%m-%d %H:%M", time.gmtime(test.wall_time)),  # UTC
     }
 
 
@@ -121,17 +161,26 @@ def launch(strategy: str, fraction: float, seed: int, epochs: int, overrides: li
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def collect(strategies: list[str], runs: Path = RUNS) -> dict[tuple[str, float], list[dict]]:
-    """{(strategy, fraction): [run, ...]} for every finished run under ``runs``, seeds in order."""
-    rows: dict[tuple[str, float], list[dict]] = defaultdict(list)
+def collect(strategies: list[str], runs: Path = RUNS, records: Path | None = None) -> dict[tuple[str, float], list[dict]]:
+    """{(strategy, fraction): [run, ...]} for every finished run in ``records`` or under ``runs``
+    (the event files win), seeds in order."""
+    found: dict[tuple[str, float, str], dict] = {}
+    overrides = variants(runs, records)
+    for r in load_records(records):
+        if r["strategy"] in strategies:
+            found[(r["strategy"], float(r["fraction"]), str(r["seed"]))] = {**r, "seed": str(r["seed"])}
     for strategy in strategies:
         for frac_dir in sorted(runs.glob(f"{strategy}-*pct")):
             fraction = float(frac_dir.name.rsplit("-", 1)[1][: -len("pct")]) / 100
-            seed_dirs = sorted(frac_dir.glob("seed*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
-            for seed_dir in seed_dirs:
+            for seed_dir in frac_dir.glob("seed*"):
                 result = read_run(seed_dir)
                 if result:
-                    rows[(strategy, fraction)].append({**result, "seed": seed_dir.name[4:]})
+                    seed = seed_dir.name[4:]
+                    found[(strategy, fraction, seed)] = {**result, "seed": seed, "overrides": overrides.get(strategy, [])}
+    rows: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    seed_key = lambda k: (k[0], k[1], int(k[2]) if k[2].isdigit() else -1)  # noqa: E731
+    for key in sorted(found, key=seed_key):
+        rows[key[:2]].append({k: v for k, v in found[key].items() if k not in ("strategy", "fraction")})
     return dict(rows)
 
 
@@ -234,15 +283,18 @@ def anchors_table() -> str:
 
 
 def write_results(strategies: list[str], runs: Path = RUNS, docs: Path = DOCS, readme: Path = README) -> dict:
-    rows = collect(strategies, runs)
+    records = docs / RECORDS_NAME
+    rows = collect(strategies, runs, records)
     if not rows:
         print("no finished runs")
         return rows
+    # Keep every record, including strategies not reported this time.
+    save_records(records, {**collect(sorted({r["strategy"] for r in load_records(records)}), runs, records), **rows})
     fractions = sorted({f for _, f in rows})
     suite = [s for s in strategies if not is_variant(s)]  # variants: tables only
     facts = findings(rows, suite, fractions)
     _plot(rows, suite, docs)
-    ran_variants = {v: o for v, o in variants(runs).items() if v in strategies and any((v, f) in rows for f in fractions)}
+    ran_variants = {v: o for v, o in variants(runs, records).items() if v in strategies and any((v, f) in rows for f in fractions)}
     legend = "".join(
         f"\n- `{v}`: `{base_strategy(v)}` with " + ", ".join(f"`{o}`" for o in overrides) + "." for v, overrides in ran_variants.items()
     )
@@ -253,7 +305,8 @@ def write_results(strategies: list[str], runs: Path = RUNS, docs: Path = DOCS, r
         tables += "\n\nVariants (`--tag`/`--set`; not in the ranking, the headline table or the plot):" + legend
     section = (
         "## Strategies at 1%, 10% and 100% of the labels\n\n"
-        "Written by `python benchmarks/experiments.py` from the runs' TensorBoard event files. Fashion-MNIST, "
+        "Written by `python benchmarks/experiments.py` from the runs' TensorBoard event files (each run's numbers "
+        f"are kept in `docs/{RECORDS_NAME}`, so `--report-only` rebuilds this on a fresh clone). Fashion-MNIST, "
         "EfficientNet-Lite0 (ImageNet weights from the offline package; `scratch` = the same network from random "
         "init, same budget), 64 px, 2 CPU cores, no GPU. Test accuracy on the full 10,000-image test set, from the "
         "best-validation checkpoint. The label fraction is of the 58,000 training images left after holding out "
@@ -335,7 +388,7 @@ def _write_section(path: Path, title: str, section: str) -> None:
     text = path.read_text() if path.exists() else "# lit-ft results\n\nEach section is written by the command it names.\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.write_text(text)
+    path.write_text(text.rstrip("\n") + "\n")  # the same bytes however often it is rewritten
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -360,20 +413,24 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"no configs/experiments/<name>.yaml for {', '.join(unknown)}; known: {', '.join(sorted(c.stem for c in CONFIGS.glob('*.yaml')))}")
     epochs = dict(DEFAULT_EPOCHS)
     epochs.update({float(k): int(v) for k, v in (e.split("=") for e in args.epochs)})
+    recorded = {(r["strategy"], float(r["fraction"]), str(r["seed"])) for r in load_records(DOCS / RECORDS_NAME)}
     if not args.report_only:
         for seed in args.seeds:
             for fraction in args.fractions:
                 for strategy in args.strategies:
                     name = f"{strategy}+{args.tag}" if args.tag else strategy
-                    done = variants().get(name) if args.tag else None
+                    done = variants(RUNS, DOCS / RECORDS_NAME).get(name) if args.tag else None
                     if done is not None and done != args.set:
                         sys.exit(f"[experiments] {name} already has runs with {' '.join(done)}; choose another --tag")
-                    if read_run(run_dir(name, fraction, seed)) is None:
+                    if (name, fraction, str(seed)) in recorded:
+                        print(f"[experiments] {name} {fraction:g} seed {seed}: recorded in docs/{RECORDS_NAME}, not re-run "
+                              "(delete its line and run directory to re-run)")
+                    elif read_run(run_dir(name, fraction, seed)) is None:
                         launch(name, fraction, seed, epochs.get(fraction, 4), args.set)
     # The report always covers every strategy that has runs, not only the ones just run;
     # each variant sits right under the strategy it varies.
     names = STRATEGIES + sorted(c.stem for c in CONFIGS.glob("*.yaml") if c.stem not in STRATEGIES)
-    found = variants()
+    found = variants(RUNS, DOCS / RECORDS_NAME)
     write_results([x for n in names for x in [n] + sorted(v for v in found if base_strategy(v) == n)])
 
 

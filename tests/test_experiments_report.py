@@ -131,6 +131,7 @@ def test_variant_rows_sit_under_their_strategy_with_overrides_and_stay_out_of_th
 def test_variant_launch_passes_overrides_after_the_suite_and_records_them(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(ex, "RUNS", tmp_path)
+    monkeypatch.setattr(ex, "DOCS", tmp_path / "docs")
     monkeypatch.setattr(ex.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     monkeypatch.setattr(ex, "write_results", lambda names: calls.append(names))
     ex.main(["--strategies", "full_ft", "--fractions", "0.1", "--tag", "timm_head", "--set", "model.head_init=timm"])
@@ -155,3 +156,57 @@ def test_bad_variant_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
         ex.main(["--strategies", "full_ft", *argv])
     assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_records_rebuild_the_same_report_on_a_fresh_clone(suite):
+    """runs/ is not committed: the per-run lines in docs/results_runs.jsonl are enough to
+    rebuild the tables, the README headline and the variant legend."""
+    import shutil
+
+    runs, docs, readme = suite
+    fake_run(runs, "full_ft+timm_head", 0.01, 0, 0.40)
+    (runs / "full_ft+timm_head-1pct" / "overrides.txt").write_text("model.head_init=timm\n")
+    names = ["linear_probe", "full_ft", "full_ft+timm_head", "scratch", "cpu_best"]
+    ex.write_results(names, runs=runs, docs=docs, readme=readme)
+    records = (docs / ex.RECORDS_NAME).read_text().splitlines()
+    assert len(records) == 8  # 9 fake runs, one never finished
+    first = (docs / "results.md").read_text(), readme.read_text()
+
+    shutil.rmtree(runs)
+    rows = ex.write_results(names, runs=runs, docs=docs, readme=readme)
+    assert ((docs / "results.md").read_text(), readme.read_text()) == first
+    assert (docs / ex.RECORDS_NAME).read_text().splitlines() == records
+    assert rows[("full_ft", 0.01)][1]["acc"] == pytest.approx(0.62)
+    assert "- `full_ft+timm_head`: `full_ft` with `model.head_init=timm`." in first[0]
+
+
+def test_a_run_on_disk_replaces_its_record_and_other_records_are_kept(suite):
+    runs, docs, readme = suite
+    ex.write_results(ex.STRATEGIES, runs=runs, docs=docs, readme=readme)
+    fake_run(runs, "full_ft", 0.01, 0, 0.70)  # re-run: a newer event file with another result
+    ex.write_results(["full_ft"], runs=runs, docs=docs, readme=readme)  # a narrower report...
+    by_key = {(r["strategy"], r["fraction"], r["seed"]): r for r in ex.load_records(docs / ex.RECORDS_NAME)}
+    assert ("scratch", 0.01, "1") in by_key  # ...drops no one else's record
+    assert ("full_ft", 0.01, "0") in by_key and by_key[("full_ft", 0.01, "0")]["acc"] == pytest.approx(0.70)
+
+
+def test_a_broken_record_line_is_named(tmp_path):
+    path = tmp_path / ex.RECORDS_NAME
+    path.write_text('{"strategy": "full_ft", "fraction": 0.1, "seed": "0", "acc": 0.8}\nnot json\n')
+    with pytest.raises(SystemExit, match=rf"{ex.RECORDS_NAME}:2: not a run record"):
+        ex.load_records(path)
+
+
+def test_a_recorded_run_is_not_run_again(suite, monkeypatch, capsys):
+    runs, docs, readme = suite
+    ex.write_results(ex.STRATEGIES, runs=runs, docs=docs, readme=readme)
+    calls = []
+    monkeypatch.setattr(ex, "RUNS", tmp := runs.parent / "fresh_runs")
+    monkeypatch.setattr(ex, "DOCS", docs)
+    monkeypatch.setattr(ex.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(ex, "write_results", lambda names: None)
+    ex.main(["--strategies", "full_ft", "scratch", "--fractions", "0.01", "--seeds", "1", "2"])
+    launched = [c[c.index("--trainer.logger.init_args.name") + 1:][:3:2] for c in calls]
+    assert launched == [["full_ft-1pct", "seed2"], ["scratch-1pct", "seed2"]]  # seed 1 of both is recorded
+    assert "full_ft 0.01 seed 1: recorded in docs/" in capsys.readouterr().out
+    assert not tmp.exists() or not any(tmp.iterdir())
