@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -38,6 +39,8 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from benchmarks.report import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "experiments"
@@ -109,7 +112,7 @@ def load_records(path: Path | None) -> list[dict]:
 def save_records(path: Path, rows: dict[tuple[str, float], list[dict]]) -> None:
     """One JSON line per run, sorted, so the file diffs cleanly as runs are added."""
     lines = [
-        json.dumps({"strategy": s, "fraction": f, **{k: r.get(k) for k in ("seed", "acc", "seconds", "images", "wall", "finished")},
+        json.dumps({"strategy": s, "fraction": f, **{k: r.get(k) for k in ("seed", "acc", "seconds", "images", "wall", "finished", "machine")},
                     "overrides": r.get("overrides", [])}, sort_keys=False)
         for (s, f), rs in sorted(rows.items()) for r in rs
     ]
@@ -138,11 +141,14 @@ def read_run(path: Path) -> dict | None:
         # without the few seconds of Python start-up before the logger exists.
         "wall": test.wall_time - acc.FirstEventTimestamp(),
         "finished": time.strftime("%Y-%m-%d %H:%M", time.gmtime(test.wall_time)),  # UTC
+        "machine": (path / "machine.txt").read_text().strip() if (path / "machine.txt").is_file() else None,
     }
 
 
 def launch(strategy: str, fraction: float, seed: int, epochs: int, overrides: list[str] = ()) -> None:
     out = run_dir(strategy, fraction, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "machine.txt").write_text(f"{cpu()}, {os.cpu_count()} cores\n")  # wall times depend on it
     if overrides:
         out.parent.mkdir(parents=True, exist_ok=True)
         (out.parent / "overrides.txt").write_text("\n".join(overrides) + "\n")
@@ -198,18 +204,39 @@ def _minutes(seconds: float) -> str:
     return "-" if math.isnan(seconds) else f"{seconds / 60:.1f}"
 
 
+def machine_counts(rows: dict) -> dict[str, int]:
+    """{machine the run was timed on: number of runs}."""
+    counts: dict[str, int] = defaultdict(int)
+    for rs in rows.values():
+        for r in rs:
+            counts[r.get("machine") or "not recorded"] += 1
+    return dict(counts)
+
+
+def machines(rows: dict) -> dict[str, str]:
+    """{machine: label} over every run, labels A, B, ... in order of the most runs; empty when
+    all runs were timed on one machine (nothing to tell apart)."""
+    counts = machine_counts(rows)
+    if len(counts) < 2:
+        return {}
+    ordered = sorted(counts, key=lambda m: (-counts[m], m))
+    return {m: chr(ord("A") + i) for i, m in enumerate(ordered)}
+
+
 def fraction_table(rows: dict, strategies: list[str], fraction: float) -> str:
     base = rows.get((BASELINE, fraction))
     base_mean = _stats(base)[0] if base else None
+    labels = machines(rows)
     lines = [
-        "| strategy | test acc % (mean ± sd) | seeds | per seed | vs scratch | wall min (fit + test) | fit min | images seen |",
-        "|---|---|---|---|---|---|---|---|",
+        "| strategy | test acc % (mean ± sd) | seeds | per seed | vs scratch | wall min (fit + test) | fit min | images seen |"
+        + (" machine |" if labels else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if labels else ""),
     ]
     for s in strategies:
         rs = rows.get((s, fraction))
         if not rs:
             if s in STRATEGIES:  # a suite strategy missing is worth saying; an extra config is not
-                lines.append(f"| {s} | not run | | | | | | |")
+                lines.append(f"| {s} | not run | | | | | | |" + (" |" if labels else ""))
             continue
         mean, _, n = _stats(rs)
         per_seed = " / ".join(f"{r['acc'] * 100:.1f}" for r in rs)
@@ -220,6 +247,7 @@ def fraction_table(rows: dict, strategies: list[str], fraction: float) -> str:
         lines.append(
             f"| {s} | {_acc_cell(rs)} | {', '.join(r['seed'] for r in rs)} | {per_seed} | {vs} | "
             f"{_minutes(wall)} | {_minutes(fit)} | {imgs / 1000:,.0f}k |"
+            + (" " + "/".join(dict.fromkeys(labels[r.get("machine") or "not recorded"] for r in rs)) + " |" if labels else "")
         )
     return "\n".join(lines)
 
@@ -292,6 +320,11 @@ def write_results(strategies: list[str], runs: Path = RUNS, docs: Path = DOCS, r
     save_records(records, {**collect(sorted({r["strategy"] for r in load_records(records)}), runs, records), **rows})
     fractions = sorted({f for _, f in rows})
     suite = [s for s in strategies if not is_variant(s)]  # variants: tables only
+    counts, labels = machine_counts(rows), machines(rows)
+    timed_on = "; ".join(
+        (f"{labels[m]} = " if labels else "") + f"{m} ({n} run{'s' if n > 1 else ''})" for m, n in
+        sorted(counts.items(), key=lambda x: labels.get(x[0], ""))
+    )
     facts = findings(rows, suite, fractions)
     _plot(rows, suite, docs)
     ran_variants = {v: o for v, o in variants(runs, records).items() if v in strategies and any((v, f) in rows for f in fractions)}
@@ -314,7 +347,8 @@ def write_results(strategies: list[str], runs: Path = RUNS, docs: Path = DOCS, r
         f"Epochs per fraction: {DEFAULT_EPOCHS} unless the command says otherwise (images seen tells). "
         "Wall time runs from the logger's first event to the test result (fit, validation each epoch, the "
         "10,000-image test); fit time runs from the start of training to the end of the last epoch (validation "
-        "included, test not).\n\n"
+        "included, test not). Timed on: " + timed_on + (
+            ". Wall times are comparable only between runs on the same machine" if labels else "") + ".\n\n"
         + "\n".join(f"- {x}" for x in facts)
         + f"\n\n{tables}\n\n![test accuracy vs wall time](results_accuracy_vs_time.png)\n"
     )

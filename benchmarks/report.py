@@ -18,18 +18,28 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu() -> str:
+    """The CPU model and its widest vector unit, e.g. ``AMD EPYC (AVX2)``: CPU timings (and the last
+    digits of float results) differ between an AVX-512 and an AVX2 machine of the same core count."""
+    name, flags = None, set()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
+    name = name or platform.processor() or platform.machine()  # no /proc/cpuinfo (macOS, Windows)
+    isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
+    return f"{name} ({isa})" if isa else name
+
+
+def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {gpu}; "
+        f"{cpu()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {gpu}; "
         f"python {platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}, timm {timm.__version__}"
     )
 

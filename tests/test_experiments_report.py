@@ -209,4 +209,28 @@ def test_a_recorded_run_is_not_run_again(suite, monkeypatch, capsys):
     launched = [c[c.index("--trainer.logger.init_args.name") + 1:][:3:2] for c in calls]
     assert launched == [["full_ft-1pct", "seed2"], ["scratch-1pct", "seed2"]]  # seed 1 of both is recorded
     assert "full_ft 0.01 seed 1: recorded in docs/" in capsys.readouterr().out
-    assert not tmp.exists() or not any(tmp.iterdir())
+    assert not (tmp / "full_ft-1pct" / "seed1").exists()
+    assert (tmp / "full_ft-1pct" / "seed2" / "machine.txt").read_text().endswith(" cores\n")  # launched runs say where
+
+
+def test_runs_timed_on_different_machines_are_told_apart(suite):
+    runs, docs, readme = suite
+    (runs / "full_ft-1pct" / "seed0" / "machine.txt").write_text("AMD EPYC (AVX2), 2 cores\n")
+    (runs / "full_ft-1pct" / "seed1" / "machine.txt").write_text("Intel Xeon (AVX-512), 2 cores\n")
+    (runs / "scratch-1pct" / "seed0" / "machine.txt").write_text("AMD EPYC (AVX2), 2 cores\n")
+    rows = ex.write_results(ex.STRATEGIES, runs=runs, docs=docs, readme=readme)
+    assert rows[("full_ft", 0.01)][0]["machine"] == "AMD EPYC (AVX2), 2 cores"
+    results = (docs / "results.md").read_text()
+    # 3 runs without a record of their machine come first (cpu_best is not reported here), then the EPYC's 2 and the Xeon's 1
+    assert ("Timed on: A = not recorded (3 runs); B = AMD EPYC (AVX2), 2 cores (2 runs); "
+            "C = Intel Xeon (AVX-512), 2 cores (1 run). Wall times are comparable only") in results
+    assert "| full_ft | 61.0 ± 1.4 | 0, 1 | 60.0 / 62.0 | +7.0 pts | 0.0 | 1.0 | 1k | B/C |" in results
+    assert "| gradual | not run | | | | | | | |" in results
+
+
+def test_one_machine_needs_no_machine_column(tmp_path):
+    fake_run(tmp_path / "runs", "full_ft", 0.1, 0, 0.8)
+    (tmp_path / "runs" / "full_ft-10pct" / "seed0" / "machine.txt").write_text("AMD EPYC (AVX2), 2 cores\n")
+    ex.write_results(["full_ft"], runs=tmp_path / "runs", docs=tmp_path / "docs", readme=tmp_path / "README.md")
+    results = (tmp_path / "docs" / "results.md").read_text()
+    assert "Timed on: AMD EPYC (AVX2), 2 cores (1 run)." in results and "| machine |" not in results
