@@ -40,7 +40,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.report import cpu
+if __package__ in (None, ""):  # run as `python benchmarks/experiments.py`: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import cpu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "experiments"

@@ -234,3 +234,14 @@ def test_one_machine_needs_no_machine_column(tmp_path):
     ex.write_results(["full_ft"], runs=tmp_path / "runs", docs=tmp_path / "docs", readme=tmp_path / "README.md")
     results = (tmp_path / "docs" / "results.md").read_text()
     assert "Timed on: AMD EPYC (AVX2), 2 cores (1 run)." in results and "| machine |" not in results
+
+
+def test_the_runner_starts_as_the_readme_runs_it():
+    """`python benchmarks/experiments.py ...` (a script, not `-m`): its imports must resolve."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "benchmarks/experiments.py", "--help"], cwd=ex.ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--report-only" in out.stdout
