@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -149,7 +150,10 @@ def read_run(path: Path) -> dict | None:
 
 def launch(strategy: str, fraction: float, seed: int, epochs: int, overrides: list[str] = ()) -> None:
     out = run_dir(strategy, fraction, seed)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # an unfinished run (crashed or killed): its events would skew the new run's wall time
+        print(f"[experiments] removing the unfinished run in {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", flush=True)
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     (out / "machine.txt").write_text(f"{cpu()}, {os.cpu_count()} cores\n")  # wall times depend on it
     if overrides:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -245,3 +245,22 @@ def test_the_runner_starts_as_the_readme_runs_it():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--report-only" in out.stdout
+
+
+def test_an_unfinished_run_is_cleared_before_it_is_run_again(tmp_path, monkeypatch, capsys):
+    """A killed run leaves event files; launched again into the same directory, the old first
+    event would become the new run's start and inflate its wall time."""
+    monkeypatch.setattr(ex, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(ex, "DOCS", tmp_path / "docs")
+    fake_run(tmp_path / "runs", "full_ft", 0.1, 0, 0.0, finished=False)
+    stale = list((tmp_path / "runs" / "full_ft-10pct" / "seed0").iterdir())
+    launched = []
+
+    def run(cmd, **kw):  # what the subprocess finds when it starts
+        launched.append(sorted(p.name for p in (tmp_path / "runs" / "full_ft-10pct" / "seed0").iterdir()))
+
+    monkeypatch.setattr(ex.subprocess, "run", run)
+    monkeypatch.setattr(ex, "write_results", lambda names: None)
+    ex.main(["--strategies", "full_ft", "--fractions", "0.1"])
+    assert stale and launched == [["machine.txt"]]
+    assert "removing the unfinished run" in capsys.readouterr().out
