@@ -349,7 +349,7 @@ def write_results(strategies: list[str], runs: Path = RUNS, docs: Path = DOCS, r
         "EfficientNet-Lite0 (ImageNet weights from the offline package; `scratch` = the same network from random "
         "init, same budget), 64 px, 2 CPU cores, no GPU. Test accuracy on the full 10,000-image test set, from the "
         "best-validation checkpoint. The label fraction is of the 58,000 training images left after holding out "
-        "2,000 for validation; a seed fixes the subset, the head's initialisation and the batch order. "
+        "2,000 for validation; a seed fixes the subset, the validation split and the batch order (and the head's initialisation where it is random). "
         f"Epochs per fraction: {DEFAULT_EPOCHS} unless the command says otherwise (images seen tells). "
         "Wall time runs from the logger's first event to the test result (fit, validation each epoch, the "
         "10,000-image test); fit time runs from the start of training to the end of the last epoch (validation "
