@@ -318,12 +318,14 @@ def anchors_table() -> str:
 
 def write_results(strategies: list[str], runs: Path = RUNS, docs: Path = DOCS, readme: Path = README) -> dict:
     records = docs / RECORDS_NAME
-    rows = collect(strategies, runs, records)
+    # Read once for every strategy with runs or records, so the records of strategies not
+    # reported this time are kept.
+    every = collect(sorted(set(strategies) | {r["strategy"] for r in load_records(records)}), runs, records)
+    rows = {key: rs for key, rs in every.items() if key[0] in strategies}
     if not rows:
         print("no finished runs")
         return rows
-    # Keep every record, including strategies not reported this time.
-    save_records(records, {**collect(sorted({r["strategy"] for r in load_records(records)}), runs, records), **rows})
+    save_records(records, every)
     fractions = sorted({f for _, f in rows})
     suite = [s for s in strategies if not is_variant(s)]  # variants: tables only
     counts, labels = machine_counts(rows), machines(rows)
