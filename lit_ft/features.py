@@ -7,17 +7,25 @@ the backbone every epoch, at a fraction of the cost. With augmentation on, the u
 accept a fixed set of augmented *views* instead (``cache_views``), each computed once.
 
 Features live in memory and, with ``feature_cache_dir``, on disk under a key made of the
-backbone's weights, the exact images and the transform, so a second run reuses them and a
-change to any of those recomputes them.
+backbone's weights, the exact images and the whole preprocessing actually applied (the
+dataset's transform, and with ``batch_transforms`` the on-device transform and the
+resolved data config: size, mean/std, crop), so a second run reuses them and a change to
+any of those recomputes them.
+
+Owns :class:`FeatureCache` (which split and epoch is served from cache, and the cache
+itself); the datamodule knows nothing of it: the model registers
+:meth:`FeatureCache.dataset_for` through the datamodule's public ``set_dataset_hook``.
+It never changes ``requires_grad``, module modes or the optimizer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -155,3 +163,111 @@ class FeatureStore:
             torch.save({"features": value[0], "targets": value[1]}, tmp)
             os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache file
         return value
+
+
+class FeatureCache:
+    """Stands in cached pre-logits for a split's images while the plan trains only the head.
+
+    Args:
+        directory: also keep features on disk here (``feature_cache_dir``), keyed by content.
+        views: with augmented training inputs, cache this many fixed augmented views (epoch
+            e uses view e % views); 0 caches only deterministic inputs.
+    """
+
+    def __init__(self, directory: Optional[str] = None, views: int = 0) -> None:
+        self.store = FeatureStore(directory)
+        self.views = views
+        self.warned: set[str] = set()
+
+    def dataset_for(
+        self,
+        split: str,
+        dataset: Dataset,
+        *,
+        backbone: nn.Module,
+        head_keys: set[str],
+        name: str,
+        head_only: bool,
+        epoch: int,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        augmenting: bool,
+        batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]],
+        preprocessing: object,
+    ) -> Optional[FeatureDataset]:
+        """A :class:`FeatureDataset` to use instead of ``dataset``, or None to use the images.
+
+        Args:
+            split: ``train`` or ``val`` (other splits always use images).
+            head_only: the plan trains only the head, with frozen BN, for the whole epoch.
+            augmenting: the split's inputs are randomly augmented (training with augmentation).
+            preprocessing: everything else that shapes the inputs (the resolved data config),
+                part of the cache key.
+        """
+        if not head_only or split not in ("train", "val"):
+            return None
+        if augmenting and self.views == 0:
+            if "augment" not in self.warned:
+                log.info(
+                    "lit-ft: cache_features is on but training inputs are augmented, so features are not "
+                    "cached; set data.augment: false, or model.cache_views: N for N fixed augmented views"
+                )
+                self.warned.add("augment")
+            return None
+        view = epoch % self.views if augmenting else 0
+        key = "-".join(
+            (
+                name,
+                backbone_fingerprint(backbone, head_keys)[:16],
+                fingerprint(dataset_fingerprint(dataset), repr(batch_transform), repr(preprocessing))[:16],
+                f"v{view}",
+            )
+        )
+        feats, targets = self.store.get(
+            key,
+            lambda: extract_pre_logits(
+                backbone, dataset, batch_size, num_workers, seed * 1000 + view if augmenting else None, batch_transform
+            ),
+        )
+        return FeatureDataset(feats, targets)
+
+    def hook(self, module: Any) -> Callable[[str, Dataset], Optional[FeatureDataset]]:
+        """The datamodule hook (``set_dataset_hook``) for ``module``, an ImageClassifier in a fit.
+
+        Decides from the plan whether the epoch being loaded trains the head alone, with the
+        run's steps per epoch computed from the training set (a step-unit plan may unfreeze
+        mid-epoch, and Lightning does not know the number of batches yet when the first loader
+        is built). Smoke runs and partial epochs (``fast_dev_run``, ``limit_*_batches``) use
+        images: extracting every image would cost more than it saves.
+        """
+        from lit_ft.plan import TrainingPlan, steps_per_epoch  # plan -> freezing: imported late, no cycle
+        from lit_ft.weights import classifier_keys
+
+        def dataset_for_split(split: str, dataset: Dataset) -> Optional[FeatureDataset]:
+            trainer = module.trainer
+            dm = trainer.datamodule
+            limit = trainer.limit_train_batches if split == "train" else trainer.limit_val_batches
+            if trainer.state.fn != "fit" or trainer.fast_dev_run or limit != 1.0 or dm.train_dataset is None:
+                return None
+            per_rank = math.ceil(len(dm.train_dataset) / trainer.world_size)
+            plan = TrainingPlan(module.freeze, steps_per_epoch(math.ceil(per_rank / dm.batch_size), trainer.accumulate_grad_batches))
+            epoch = trainer.current_epoch
+            augmenting = split == "train" and bool(dm.augment)
+            return self.dataset_for(
+                split,
+                dataset,
+                backbone=module.model,
+                head_keys=set(classifier_keys(module.model)),
+                name=module.hparams.backbone,
+                head_only=plan.head_only(epoch),
+                epoch=epoch,
+                batch_size=dm.eval_batch_size or dm.batch_size,
+                num_workers=dm.num_workers,
+                seed=dm.seed,
+                augmenting=augmenting,
+                batch_transform=dm.batch_transform("train" if augmenting else "eval") if dm.batch_transforms else None,
+                preprocessing=dm.resolved_data_config,
+            )
+
+        return dataset_for_split

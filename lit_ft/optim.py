@@ -1,22 +1,27 @@
-"""Layer groups -> named, scaled optimizer param groups (pure functions), and schedulers.
+"""Layer groups -> named, scaled optimizer param groups (pure functions), and the LR
+scheduler classes a config can name (``WarmupCosineLR``, ``SequentialLR``, ``ChainedScheduler``).
 
 One param group per (layer group x decay/no-decay), built once. A group's learning-rate
 scale is folded into its starting ``lr`` right after the optimizer is created, so every
 torch scheduler keeps the ratios between groups: schedulers scale each group from its own
 ``initial_lr``. (timm's ``lr_scale`` key is read only by timm's schedulers; we do not rely
-on it.) The two schedulers that overwrite every group's lr with one value (OneCycleLR and
-CyclicLR given a scalar) are rescaled per group; any other scheduler that breaks the
-ratios is refused with a clear message.
+on it.) How a schedule runs over a whole training run (its length, restarts, repairs of
+schedulers given one value for every group, the whole-run ratio check) is
+:mod:`lit_ft.lr_schedule`'s job. This module never touches ``requires_grad``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import CyclicLR, LambdaLR, OneCycleLR
+from torch.optim import lr_scheduler as torch_schedulers
+from torch.optim.lr_scheduler import LambdaLR
+
+from lightning.pytorch.cli import LRSchedulerCallable
 
 from lit_ft.backbones import LayerGroup, resolve_group
 from lit_ft.errors import UserError
@@ -107,50 +112,59 @@ def apply_lr_scales(optimizer: torch.optim.Optimizer) -> None:
         g["lr"] = g["lr"] * g.get("lr_scale", 1.0)
 
 
-def check_scheduler_ratios(scheduler: object, optimizer: torch.optim.Optimizer) -> None:
-    """Make sure ``scheduler`` kept the per-group lr ratios; repair the schedulers known to flatten them.
+def build_optimizer(
+    factory: Callable[[list[dict]], torch.optim.Optimizer],
+    model: nn.Module,
+    groups: Sequence[LayerGroup],
+    lr_mult: Optional[Mapping[Union[str, int], float]] = None,
+    layer_decay: Optional[float] = None,
+    lr_range: Optional[tuple[float, float]] = None,
+    split_no_decay: bool = True,
+    no_decay: Callable[[str, nn.Parameter], bool] = is_no_decay,
+) -> torch.optim.Optimizer:
+    """The run's optimizer: every param group built once, each group's LR scale folded in.
+
+    ``factory`` is the user's optimizer callable (``OptimizerCallable``); its ``lr`` is the
+    base LR that the scales multiply (``lr_range`` replaces it by a geometric spread).
+    """
+    names = [g.name for g in groups]
+    scales = group_lr_scales(names, lr_mult, layer_decay)
+    optimizer = factory(build_param_groups(model, groups, scales, split_no_decay=split_no_decay, no_decay=no_decay))
+    if lr_range is not None:
+        spread = lr_range_scales(len(groups), *lr_range, base_lr=optimizer.defaults["lr"])
+        for g in optimizer.param_groups:
+            g["lr_scale"] *= spread[g["layer_group"]]
+    apply_lr_scales(optimizer)
+    return optimizer
+
+
+def check_lr_options(
+    names: Sequence[str],
+    lr_mult: Optional[Mapping[Union[str, int], float]],
+    layer_decay: Optional[float],
+    lr_range: Optional[tuple[float, float]],
+) -> None:
+    """Validate the LR options together, at construction rather than at the first step.
 
     Raises:
-        UserError: a scheduler that set one lr for all groups and that we cannot repair.
+        UserError: a bad group or scale, or ``lr_range`` together with ``layer_decay`` (both
+            spread the LR over depth, so together they would compound silently).
     """
-    groups = optimizer.param_groups
-    scales = [g.get("lr_scale", 1.0) for g in groups]
-    if len(set(scales)) <= 1:
-        return
-    if isinstance(scheduler, OneCycleLR):
-        # OneCycleLR stores per-group initial/max/min lr; a scalar max_lr made them equal.
-        maxes = [g["max_lr"] for g in groups]
-        if _ratios_ok(maxes, scales):
-            return
-        for g, s in zip(groups, scales):
-            for key in ("initial_lr", "max_lr", "min_lr", "lr"):
-                g[key] *= s
-        return
-    if isinstance(scheduler, CyclicLR):
-        if _ratios_ok(scheduler.max_lrs, scales):
-            return
-        scheduler.base_lrs = [b * s for b, s in zip(scheduler.base_lrs, scales)]
-        scheduler.max_lrs = [m * s for m, s in zip(scheduler.max_lrs, scales)]
-        for g, b in zip(groups, scheduler.base_lrs):
-            g["lr"] = b
-        return
-    lrs = [g["lr"] for g in groups]
-    if all(lr == 0 for lr in lrs):  # warmup from zero: compare where the schedule starts from
-        lrs = [g.get("initial_lr", 0.0) for g in groups]
-    if not _ratios_ok(lrs, scales):
-        raise UserError(
-            f"{type(scheduler).__name__} set the same learning rate on every param group, "
-            "which would silently undo the per-group lr multipliers",
-            "pass per-group values to the scheduler, or use a scheduler that scales from each group's "
-            "initial lr (CosineAnnealingLR, LambdaLR, lit_ft.optim.WarmupCosineLR, ...)",
-        )
-
-
-def _ratios_ok(values: Sequence[float], scales: Sequence[float], rtol: float = 1e-6) -> bool:
-    if any(v == 0 for v in values):
-        return all(v == 0 for v in values)
-    base = values[0] / scales[0]
-    return all(math.isclose(v / s, base, rel_tol=rtol) for v, s in zip(values, scales))
+    group_lr_scales(names, lr_mult, layer_decay)
+    if lr_range is not None:
+        lr_range_scales(len(names), *lr_range, base_lr=1.0)
+        if layer_decay is not None:
+            raise UserError(
+                f"lr_range {list(lr_range)} and layer_decay {layer_decay} both spread the LR from stem to head; "
+                "together they would multiply",
+                "use one of them (lr_range: [low, high] sets the stem and head LRs directly)",
+            )
+        if lr_mult:
+            warnings.warn(
+                f"lit-ft: lr_mult {dict(lr_mult)} multiplies the LRs that lr_range {list(lr_range)} spreads; "
+                "the named groups end outside [low, high]",
+                stacklevel=2,
+            )
 
 
 class WarmupCosineLR(LambdaLR):
@@ -195,3 +209,38 @@ class WarmupCosineLR(LambdaLR):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.__dict__.update(state_dict)
+
+
+class SequentialLR(torch_schedulers.SequentialLR):
+    """torch's ``SequentialLR``, configurable from YAML: each scheduler is given as a
+    ``class_path`` + ``init_args`` (built on this optimizer), e.g. a linear warm-up then cosine::
+
+        lr_scheduler:
+          class_path: lit_ft.optim.SequentialLR
+          init_args:
+            schedulers:
+              - {class_path: torch.optim.lr_scheduler.LinearLR, init_args: {start_factor: 0.1, total_iters: 100}}
+              - {class_path: torch.optim.lr_scheduler.CosineAnnealingLR, init_args: {T_max: 900}}
+            milestones: [100]
+
+    (torch's own class takes scheduler *instances*, which a config file cannot create.)
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedulers: list[LRSchedulerCallable], milestones: list[int], last_epoch: int = -1) -> None:
+        built = []
+        for factory in schedulers:
+            # Each child must start from the group's initial LR, not from where the last one left it.
+            for g in optimizer.param_groups:
+                g["lr"] = g.get("initial_lr", g["lr"])
+            built.append(factory(optimizer))
+        for g in optimizer.param_groups:
+            g["lr"] = g.get("initial_lr", g["lr"])
+        super().__init__(optimizer, built, milestones, last_epoch=last_epoch)
+
+
+class ChainedScheduler(torch_schedulers.ChainedScheduler):
+    """torch's ``ChainedScheduler`` (every scheduler stepped each time, their factors
+    multiplied), configurable from YAML like :class:`SequentialLR`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedulers: list[LRSchedulerCallable]) -> None:
+        super().__init__([factory(optimizer) for factory in schedulers], optimizer=optimizer)

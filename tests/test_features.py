@@ -39,20 +39,20 @@ def test_cached_probe_matches_rerunning_the_frozen_backbone(tmp_path, batch_tran
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     assert t_cached.callback_metrics["val/acc"] == t_plain.callback_metrics["val/acc"]
     # Backbone ran once per split (train, val), not once per epoch.
-    assert cached.feature_store.hits["computed"] == 2
+    assert cached.feature_cache.store.hits["computed"] == 2
 
 
 def test_disk_cache_is_reused_by_a_second_run_and_invalidated_by_new_weights(tmp_path):
     first, _, _ = _probe(tmp_path / "a", cache=True, feature_cache_dir=str(tmp_path / "cache"))
-    assert first.feature_store.hits["computed"] == 2 and len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    assert first.feature_cache.store.hits["computed"] == 2 and len(list((tmp_path / "cache").glob("*.pt"))) == 2
     second, _, _ = _probe(tmp_path / "b", cache=True, feature_cache_dir=str(tmp_path / "cache"))
-    assert second.feature_store.hits == {"memory": second.feature_store.hits["memory"], "disk": 2, "computed": 0}
+    assert second.feature_cache.store.hits == {"memory": second.feature_cache.store.hits["memory"], "disk": 2, "computed": 0}
     torch.manual_seed(99)  # other backbone weights -> other features -> recomputed
     other = tiny_model(freeze=LinearProbe(), cache_features=True, feature_cache_dir=str(tmp_path / "cache"))
     with torch.no_grad():
         other.model.layer1[0].conv1.weight.mul_(1.5)
     trainer(tmp_path / "c", max_epochs=1).fit(other, tiny_data())
-    assert other.feature_store.hits["computed"] == 2
+    assert other.feature_cache.store.hits["computed"] == 2
 
 
 def test_lp_ft_uses_cached_features_then_images(tmp_path):
@@ -70,12 +70,12 @@ def test_augmented_inputs_are_cached_only_as_fixed_views(tmp_path):
     model = tiny_model(freeze=LinearProbe(), cache_features=True)
     kinds = BatchKinds()
     trainer(tmp_path / "b", max_epochs=2, callbacks=[kinds]).fit(model, tiny_data(augment=True))
-    assert set(kinds.kinds.values()) == {"images"} and model.feature_store.hits["computed"] == 1  # val only
+    assert set(kinds.kinds.values()) == {"images"} and model.feature_cache.store.hits["computed"] == 1  # val only
     model = tiny_model(freeze=LinearProbe(), cache_features=True, cache_views=2)
     kinds = BatchKinds()
     trainer(tmp_path / "c", max_epochs=3, callbacks=[kinds]).fit(model, tiny_data(augment=True))
     assert set(kinds.kinds.values()) == {"features"}
-    assert model.feature_store.hits["computed"] == 3  # 2 train views + val, epoch 2 reuses view 0
+    assert model.feature_cache.store.hits["computed"] == 3  # 2 train views + val, epoch 2 reuses view 0
 
 
 def test_checkpoint_of_a_cached_probe_is_an_ordinary_model(tmp_path):

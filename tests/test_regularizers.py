@@ -243,14 +243,14 @@ def test_mixup_is_a_pure_function_of_its_position_and_leaves_inputs_alone():
 def test_mixup_feeds_soft_targets_then_turns_off_and_accuracy_uses_hard_labels(tmp_path):
     model = tiny_model(**SGD, mixup=Mixup(mixup_alpha=1.0, off_epoch=1))
     seen: dict[int, list] = {}
-    loss, acc_update = model._loss, model.train_acc.update
+    loss, acc_update = model.loss, model.train_acc.update
 
     def spy_loss(logits, targets):
         seen.setdefault(model.current_epoch, []).append(targets.detach().clone())
         return loss(logits, targets)
 
     hard_targets = []
-    model._loss = spy_loss
+    model.loss = spy_loss
     model.train_acc.update = lambda preds, target: (hard_targets.append(target.dtype), acc_update(preds, target))[1]
     t = trainer(tmp_path, max_epochs=2, log_every_n_steps=1)
     t.fit(model, tiny_data())

@@ -1,30 +1,42 @@
-"""ImageClassifier: any timm backbone with a fresh head, freeze plans and discriminative LRs."""
+"""ImageClassifier: any timm backbone with a fresh head; the training step, the loss, the
+metrics, and thin hooks that hand the run's numbers to the plan, the LR schedule and the
+feature cache.
+
+What it must not grow: optimizer and scheduler logic (:mod:`lit_ft.optim`,
+:mod:`lit_ft.lr_schedule`), freeze-plan logic (:mod:`lit_ft.plan`), caching
+(:mod:`lit_ft.features`), bookkeeping and inspection (:mod:`lit_ft.callbacks`). A new
+capability gets its own module and, at most, a hook here.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
+import os
 import time
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
 from lit_ft import backbones as B
 from lit_ft import optim as O
 from lit_ft.errors import UserError
-from lit_ft.freezing import set_bn_modes, set_trainable
+from lit_ft.features import FeatureCache
+from lit_ft.lr_schedule import PlannedLR, is_plateau
+from lit_ft.plan import PlanRunner, TrainingPlan, plan_table, steps_per_epoch
 from lit_ft.regularizers import Mixup, Regularizer, StepOutputs, unique_names
-from lit_ft.schedules import FreezeSchedule, Full, warmup_factor
-from lit_ft.weights import classifier_keys
+from lit_ft.regularizers.base import match_checkpoint_state
+from lit_ft.schedules import FreezeSchedule, Full
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +95,10 @@ class ImageClassifier(L.LightningModule):
         pretrained: Union[bool, str] = False,
         num_classes: Optional[int] = None,
         class_names: Optional[list[str]] = None,
-        drop_rate: float = 0.0,
-        drop_path_rate: Optional[float] = None,
+        drop_rate: ClosedUnitInterval = 0.0,
+        drop_path_rate: Optional[ClosedUnitInterval] = None,
         head_init: B.HeadInit = "zeros",
-        label_smoothing: float = 0.0,
+        label_smoothing: ClosedUnitInterval = 0.0,
         regularizers: Optional[list[Regularizer]] = None,
         mixup: Optional[Mixup] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -99,9 +111,9 @@ class ImageClassifier(L.LightningModule):
         layer_decay: Optional[float] = None,
         lr_range: Optional[tuple[float, float]] = None,
         no_decay_norm_bias: bool = True,
-        top_k: int = 5,
+        top_k: PositiveInt = 5,
         cache_features: bool = False,
-        cache_views: int = 0,
+        cache_views: NonNegativeInt = 0,
         feature_cache_dir: Optional[str] = None,
         compile: bool = False,
         grad_checkpointing: bool = False,
@@ -114,22 +126,8 @@ class ImageClassifier(L.LightningModule):
         self.save_hyperparameters(
             ignore=None if from_cli else ["optimizer", "lr_scheduler", "freeze", "regularizers", "mixup"]
         )
-        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
-            raise UserError(
-                f"num_classes={num_classes} but {len(class_names)} class names were given",
-                "drop num_classes (it follows from the data) or fix the class list",
-            )
-        num_classes = num_classes if num_classes is not None else (len(class_names) if class_names else None)
-        if not num_classes:
-            raise UserError(
-                "the number of classes is unknown",
-                "give the data a train folder/dataset (classes flow from it), or set model.num_classes",
-            )
-        if num_classes < 2:  # torchmetrics (and classification itself) need two classes
-            raise UserError(f"only one class ({class_names[0] if class_names else 0}): a classifier needs at least 2", "add a folder per class")
-        self.num_classes = num_classes
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.model = B.create_backbone(backbone, num_classes, pretrained, drop_rate, drop_path_rate, head_init)
+        self.num_classes, self.class_names = _classes(num_classes, class_names)
+        self.model = B.create_backbone(backbone, self.num_classes, pretrained, drop_rate, drop_path_rate, head_init)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         if grad_checkpointing:
@@ -138,13 +136,11 @@ class ImageClassifier(L.LightningModule):
             self.model.set_grad_checkpointing(True)
         if cache_views < 0:
             raise UserError(f"cache_views must be >= 0, got {cache_views}", "0 = deterministic inputs only")
-        from lit_ft.features import FeatureStore
-
-        self.feature_store = FeatureStore(feature_cache_dir) if cache_features else None
-        self._warned_no_cache = False
-        self.data_config = B.data_config(self.model)
+        self.feature_cache = FeatureCache(feature_cache_dir, cache_views) if cache_features else None
+        self.data_config = B.data_config(self.model)  # the transforms' defaults; a checkpoint's replace it
         self.groups = B.layer_groups(self.model, group_granularity)
         self.freeze = (freeze or Full()).bind([g.name for g in self.groups])
+        self.runner = PlanRunner(self.model, self.groups, self.freeze)
         # Regularizers capture their starting points now, from the pretrained weights; a resumed
         # run then gets the original ones back from the checkpoint (buffers of this module).
         self.regularizers = nn.ModuleList(regularizers or [])
@@ -154,17 +150,15 @@ class ImageClassifier(L.LightningModule):
         self.mixup = mixup
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
-        # Validate LR options now, not at the first training step.
-        O.group_lr_scales([g.name for g in self.groups], lr_mult, layer_decay)
-
-        k = min(top_k, num_classes)
+        O.check_lr_options([g.name for g in self.groups], lr_mult, layer_decay, lr_range)  # now, not at step 1
+        k = min(top_k, self.num_classes)
         metrics = MetricCollection(
             {
-                "acc": MulticlassAccuracy(num_classes, average="micro"),
-                f"acc_top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro"),
-                "precision": MulticlassPrecision(num_classes, average="macro"),
-                "recall": MulticlassRecall(num_classes, average="macro"),
-                "f1": MulticlassF1Score(num_classes, average="macro"),
+                "acc": MulticlassAccuracy(self.num_classes, average="micro"),
+                f"acc_top{k}": MulticlassAccuracy(self.num_classes, top_k=k, average="micro"),
+                "precision": MulticlassPrecision(self.num_classes, average="macro"),
+                "recall": MulticlassRecall(self.num_classes, average="macro"),
+                "f1": MulticlassF1Score(self.num_classes, average="macro"),
             },
             # Explicit groups: torchmetrics' automatic grouping compares states after the first
             # batch and merges top-k with top-1 metrics when that batch happens to be all correct.
@@ -172,9 +166,8 @@ class ImageClassifier(L.LightningModule):
         )
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self._applied: Optional[frozenset[int]] = None  # derived cache, never checkpointed
-        self._restarted_at: Optional[int] = None  # lp_ft: epoch whose schedule restart is done
+        self.train_acc = MulticlassAccuracy(self.num_classes, average="micro")
+        self.plan: Optional[TrainingPlan] = None  # the run's plan, from the run's numbers (on_train_start)
         self.images_seen = 0  # training images through the loop (checkpointed, so resume counts on)
         self._fit_started = 0.0
         self._fit_elapsed_before = 0.0  # training seconds of earlier (resumed-from) runs
@@ -182,10 +175,6 @@ class ImageClassifier(L.LightningModule):
     # ------------------------------------------------------------------ forward / steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) or cached (B, D) -> (B, num_classes)
         return self.head(self.features(x))
-
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # Soft targets (B, C) come from mixup/cutmix; hard targets (B,) otherwise.
-        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features before pooling: (B, C, h, w) for CNNs, (B, N, D) for ViTs.
@@ -205,10 +194,8 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch  # y: hard labels (B,); train accuracy always uses them
-        # Counted here, not in on_train_batch_end: callbacks' on_train_batch_end (a step-interval
-        # or interrupt checkpoint) runs before the module's and would save a count one batch
-        # behind. All ranks' images: under DDP each rank gets an equal share of every step
-        # (Lightning's distributed sampler pads the last), so this rank's batch x world size.
+        # Counted here, not in on_train_batch_end: a callback's checkpoint there runs first. All
+        # ranks' images: under DDP each rank gets an equal share of every step.
         self.images_seen += int(x.shape[0]) * self.trainer.world_size
         x, targets = self._mix(x, y, batch_idx) if self.mixup is not None else (x, y)
         with contextlib.ExitStack() as hooks:  # e.g. DELTA hooks the feature maps of this pass
@@ -216,7 +203,7 @@ class ImageClassifier(L.LightningModule):
                 hooks.enter_context(reg.capture(self))
             feats = self.features(x)
         logits = self.head(feats)  # (B, num_classes)
-        loss = self._loss(logits, targets)
+        loss = self.loss(logits, targets)
         if len(self.regularizers):
             self.log("train/task_loss", loss)
             out = StepOutputs(x=x, y=targets, feats=feats, logits=logits, loss=loss)
@@ -224,43 +211,23 @@ class ImageClassifier(L.LightningModule):
                 term = reg.penalty(self, out)
                 self.log(f"reg/{name}", term.detach())
                 loss = loss + term
-        hard = y.argmax(-1) if y.ndim == 2 else y
-        self.train_acc(logits.detach(), hard)
+        self.train_acc(logits.detach(), y.argmax(-1) if y.ndim == 2 else y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
         return loss
 
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy; ``targets`` are class indices (B,) or soft targets (B, C) from mixup/CutMix."""
+        return F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+
     def _mix(self, x: torch.Tensor, y: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixup/CutMix images and targets while the Mixup option is active; logs ``reg/mixup`` (1 = on)."""
-        assert self.mixup is not None
         # Cached pre-logits (B, D) of a linear-probe phase are not images: they stay unmixed.
         on = self.mixup.active(self.current_epoch) and x.ndim == 4 and y.ndim == 1
         self.log("reg/mixup", float(on), on_step=True, on_epoch=False)
         if not on:
             return x, y
         return self.mixup(x, y, self.num_classes, epoch=self.current_epoch, batch=batch_idx, rank=self.global_rank)
-
-    def _match_regularizer_state(self, checkpoint: dict) -> None:
-        """Make the checkpoint's regularizer state (anchors, DELTA teacher) fit this module's regularizers.
-
-        Entries of regularizers this module does not have are dropped (they only matter while
-        training with them). Entries this module needs but the checkpoint lacks keep the values
-        captured at construction, with a warning: on resume those anchors are then this build's
-        weights, not the original run's pretrained ones.
-        """
-        sd = checkpoint.get("state_dict")
-        if sd is None:
-            return
-        own = {k: v for k, v in self.state_dict().items() if k.startswith("regularizers.")}
-        for k in [k for k in sd if k.startswith("regularizers.") and k not in own]:
-            del sd[k]
-        missing = [k for k in own if k not in sd]
-        if missing:
-            rank_zero_warn(
-                f"lit-ft: the checkpoint has no state for {len(missing)} regularizer tensors "
-                f"(e.g. {missing[0]}); they keep the values captured when this model was built"
-            )
-            sd.update({k: own[k] for k in missing})
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict:
         # The logits go to callbacks' on_validation_batch_end (confusion matrix, mistakes).
@@ -277,247 +244,68 @@ class ImageClassifier(L.LightningModule):
         return logits  # (B, num_classes)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics)
+        self.log_dict(self.val_metrics.compute(), prog_bar=False)  # synced across ranks by torchmetrics
+        self.val_metrics.reset()
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics)
-
-    def _log_metrics(self, metrics: MetricCollection) -> None:
-        values = metrics.compute()  # synced across ranks by torchmetrics
-        metrics.reset()
-        for name, value in values.items():
-            self.log(name, value, prog_bar=name.endswith("/acc"))
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict:
         x, ids = batch
-        probs = self(x).softmax(-1)
-        prob, idx = probs.max(-1)
-        return {
-            "id": list(ids),
-            "class": [self.class_names[i] for i in idx.tolist()],
-            "index": idx.tolist(),
-            "prob": prob.tolist(),
-        }
+        prob, idx = self(x).softmax(-1).max(-1)
+        return {"id": list(ids), "class": [self.class_names[i] for i in idx.tolist()], "index": idx.tolist(), "prob": prob.tolist()}
 
-    # ------------------------------------------------------------------ optimizer
+    # ------------------------------------------------------------------ optimizer and schedule
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        names = [g.name for g in self.groups]
-        scales = O.group_lr_scales(names, hp.lr_mult, hp.layer_decay)
-        groups = O.build_param_groups(self.model, self.groups, scales, split_no_decay=hp.no_decay_norm_bias)
-        optimizer = self.optimizer_factory(groups)
-        if hp.lr_range is not None:
-            base = optimizer.defaults["lr"]
-            rng = O.lr_range_scales(len(self.groups), *hp.lr_range, base_lr=base)
-            for g in optimizer.param_groups:
-                g["lr_scale"] *= rng[g["layer_group"]]
-        O.apply_lr_scales(optimizer)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        if isinstance(scheduler, O.WarmupCosineLR) and scheduler.total_steps is None:
-            scheduler.total_steps = self._schedule_length()
-            scheduler.auto_total = True
-        O.check_scheduler_ratios(scheduler, optimizer)
-        # Snapshot of the fresh schedule, for lp_ft's restart (deterministic, so also right on resume).
-        self._fresh_schedule = (copy.deepcopy(scheduler.state_dict()), [dict(lr=g["lr"]) for g in optimizer.param_groups])
+        optimizer = O.build_optimizer(
+            self.optimizer_factory, self.model, self.groups, hp.lr_mult, hp.layer_decay, hp.lr_range, hp.no_decay_norm_bias
+        )
+        layer_group_of = [g["layer_group"] for g in optimizer.param_groups]
+        # The plan's per-group factors (unfreeze warm-up) ride on the schedule; the run's
+        # length is only known at on_train_start, where the schedule is bound.
+        scheduler = PlannedLR(
+            optimizer,
+            self.scheduler_factory,
+            factors=lambda step: self.plan.lr_factors(layer_group_of, step) if self.plan else [1.0] * len(layer_group_of),
+            current_step=lambda: self.global_step,
+        )
         config = {"scheduler": scheduler, "interval": hp.scheduler_interval}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = hp.scheduler_monitor
+        if is_plateau(self.scheduler_factory, optimizer):
+            config.update(reduce_on_plateau=True, monitor=hp.scheduler_monitor)
         return {"optimizer": optimizer, "lr_scheduler": config}
 
-    def _schedule_length(self, from_epoch: int = 0) -> int:
-        trainer = self.trainer
-        if self.hparams.scheduler_interval == "epoch":
-            if trainer.max_epochs is None or trainer.max_epochs < 0:
-                raise UserError("WarmupCosineLR needs total_steps when max_epochs is unset", "set total_steps")
-            return trainer.max_epochs - from_epoch
-        total = int(trainer.estimated_stepping_batches)
-        return total - from_epoch * self._steps_per_epoch()
+    def _planned_lr(self) -> Optional[PlannedLR]:
+        configs = self.trainer.lr_scheduler_configs
+        return configs[0].scheduler if configs and isinstance(configs[0].scheduler, PlannedLR) else None
 
-    def _steps_per_epoch(self) -> int:
-        trainer = self.trainer
-        batches = trainer.num_training_batches
-        if batches == float("inf") or batches <= 0:
-            return 1
-        return max(1, -(-int(batches) // trainer.accumulate_grad_batches))
-
-    # ------------------------------------------------------------------ freezing
+    # ------------------------------------------------------------------ hooks: the plan
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
+        self.runner.reset()  # per-fit state is derived: a second fit of this module starts clean
         # DDP registers the parameters that require grad when it wraps the model (right after
-        # this hook): mark every parameter the plan will ever train, so groups unfrozen later are
-        # all-reduced too (Lightning #20340). Params in frozen phases produce no grad, so DDP must
-        # look for unused parameters while anything trainable is frozen.
-        ever = self.freeze.ever_trainable()
-        set_trainable(self.model, self.groups, ever, self.freeze.train_bn)
-        if self.feature_store is not None and (ever != self.freeze.trainable(0, 0) or self.hparams.cache_views > 1):
-            # Rebuild the loaders each epoch so a phase change (FreezeUnfreeze, LPFT) switches back
-            # to images and each epoch gets its augmented view; cached features make this cheap.
-            self.trainer.reload_dataloaders_every_n_epochs = 1
+        # this hook): mark every parameter the plan will ever train (Lightning #20340).
+        self.runner.mark_ever_trainable(TrainingPlan(self.freeze))
+        dm = self.trainer.datamodule
+        if self.feature_cache is not None:
+            if hasattr(dm, "set_dataset_hook"):
+                dm.set_dataset_hook(self.feature_cache.hook(self))
+            if TrainingPlan(self.freeze).has_phases or self.hparams.cache_views > 1:
+                # Rebuild loaders each epoch: a phase change switches back to images, and each
+                # epoch gets its augmented view; cached features make this cheap.
+                self.trainer.reload_dataloaders_every_n_epochs = 1
+            if self.mixup is not None:
+                rank_zero_info("lit-ft: mixup is off in epochs that train the head on cached features")
         if self.hparams.compile:
             # Compiling the bound methods leaves state_dict keys untouched (no `_orig_mod.`).
             self.model.forward_features = torch.compile(self.model.forward_features)
             self.model.forward_head = torch.compile(self.model.forward_head)
-        strategy = self.trainer.strategy
-        phases = ever != self.freeze.trainable(0, 0)
-        if phases and hasattr(strategy, "_ddp_kwargs"):
-            if not strategy._ddp_kwargs.get("find_unused_parameters", False):
-                rank_zero_info("lit-ft: freeze plan changes mid-run; DDP set to find_unused_parameters=True")
-                strategy._ddp_kwargs["find_unused_parameters"] = True
 
-    # ------------------------------------------------------------------ cached-feature linear probe
-    def caches_features_at(self, epoch: int) -> bool:
-        """True if this epoch trains the head alone on a frozen backbone, with caching on."""
-        if self.feature_store is None or self.freeze.train_bn:
-            return False
-        head = frozenset({len(self.groups) - 1})
-        spe = self._steps_per_epoch() if self._trainer is not None else 1
-        # The whole epoch must be head-only (a step-unit plan may unfreeze mid-epoch).
-        return self.freeze.trainable(epoch, epoch * spe) == head and self.freeze.trainable(epoch, (epoch + 1) * spe - 1) == head
-
-    def cached_dataset(self, split: str, dataset: Any, datamodule: Any) -> Any:
-        """A :class:`~lit_ft.features.FeatureDataset` standing in for ``dataset``, or None.
-
-        Called by lit-ft datamodules when they build the train/val dataloaders.
-        """
-        from lit_ft.features import FeatureDataset, backbone_fingerprint, dataset_fingerprint, extract_pre_logits
-
-        epoch = self.trainer.current_epoch
-        if not self.caches_features_at(epoch) or split not in ("train", "val"):
-            return None
-        limit = self.trainer.limit_train_batches if split == "train" else self.trainer.limit_val_batches
-        if self.trainer.fast_dev_run or limit != 1.0:
-            return None  # a smoke run or a partial epoch: extracting every image would cost more than it saves
-        views = self.hparams.cache_views
-        augmenting = split == "train" and getattr(datamodule, "augment", False)
-        if augmenting and views == 0:
-            if not self._warned_no_cache:
-                rank_zero_info(
-                    "lit-ft: cache_features is on but training inputs are augmented, so features are not "
-                    "cached; set data.augment: false, or model.cache_views: N for N fixed augmented views"
-                )
-                self._warned_no_cache = True
-            return None
-        view = epoch % views if augmenting else 0
-        head_keys = set(classifier_keys(self.model))
-        key = "-".join(
-            (self.hparams.backbone, backbone_fingerprint(self.model, head_keys)[:16], dataset_fingerprint(dataset)[:16], f"v{view}")
-        )
-        seed = getattr(datamodule, "seed", 0) * 1000 + view if augmenting else None
-        feats, targets = self.feature_store.get(
-            key,
-            lambda: extract_pre_logits(
-                self.model,
-                dataset,
-                datamodule._eval_batch_size,
-                getattr(datamodule, "num_workers", 0),
-                seed,
-                getattr(datamodule, "batch_transform", lambda kind: None)("train" if augmenting else "eval"),
-            ),
-        )
-        return FeatureDataset(feats, targets)
-
-    def current_trainable(self) -> frozenset[int]:
-        return self.freeze.trainable(self.current_epoch, self.global_step)
-
-    def apply_freeze(self) -> None:
-        """Make the model's trainable set and BN modes match the plan at the current epoch/step."""
-        now = self.current_trainable()
-        if now != self._applied:
-            set_trainable(self.model, self.groups, now, self.freeze.train_bn)
-            self._applied = now
-        set_bn_modes(self.model, self.groups, now, self.freeze.train_bn, self.freeze.freeze_bn_stats)
-
-    def train(self, mode: bool = True) -> "ImageClassifier":
-        super().train(mode)
-        if mode and self._applied is not None:
-            set_bn_modes(self.model, self.groups, self._applied, self.freeze.train_bn, self.freeze.freeze_bn_stats)
-        return self
-
-    def on_train_epoch_end(self) -> None:
-        # Budget bookkeeping, read back by benchmarks/experiments.py from the logs.
-        elapsed = self._fit_elapsed_before + time.perf_counter() - self._fit_started
-        self.log("budget/images_seen", float(self.images_seen), on_epoch=True, sync_dist=True, reduce_fx="max")
-        self.log("budget/train_seconds", elapsed, on_epoch=True, sync_dist=True, reduce_fx="max")
-
-    def on_train_epoch_start(self) -> None:
-        self._maybe_restart_schedule()
-        self.apply_freeze()
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self.apply_freeze()
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            self._log_lrs()
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        # A group unfrozen mid-run ramps its lr up; applied around the step only, so the
-        # scheduler's own bookkeeping never sees the factor.
-        factors = self._lr_factors()
-        groups = self.trainer.optimizers[0].param_groups
-        saved = [g["lr"] for g in groups]
-        for g, f in zip(groups, factors):
-            g["lr"] = g["lr"] * f
-        try:
-            optimizer.step(closure=optimizer_closure)
-        finally:
-            for g, lr in zip(groups, saved):
-                g["lr"] = lr
-
-    def _lr_factors(self) -> list[float]:
-        groups = self.trainer.optimizers[0].param_groups
-        if self.freeze.unfreeze_warmup_steps <= 0:
-            return [1.0] * len(groups)
-        spe = self._steps_per_epoch()
-        return [warmup_factor(self.freeze, g.get("layer_group", 0), self.global_step, spe) for g in groups]
-
-    def _maybe_restart_schedule(self) -> None:
-        at = self.freeze.restart_schedule_at_epoch
-        if at is None or self.current_epoch != at or self._restarted_at == at or not self.trainer.lr_scheduler_configs:
-            return
-        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
-        state, lrs = self._fresh_schedule
-        scheduler.load_state_dict(copy.deepcopy(state))
-        for g, saved in zip(self.trainer.optimizers[0].param_groups, lrs):
-            g["lr"] = saved["lr"]
-        if getattr(scheduler, "auto_total", False):
-            scheduler.total_steps = self._schedule_length(from_epoch=at)
-        self._restarted_at = at
-        rank_zero_info(f"lit-ft: epoch {at}: fine-tuning phase starts, LR schedule restarted")
-
-    def _log_lrs(self) -> None:
-        if not self.trainer.optimizers:
-            return
-        factors = self._lr_factors()
-        seen = set()
-        for g, f in zip(self.trainer.optimizers[0].param_groups, factors):
-            name = self.groups[g.get("layer_group", 0)].name
-            if name not in seen:
-                seen.add(name)
-                self.log(f"lr/{name}", g["lr"] * f, on_step=True, on_epoch=False)
-        self.log("trainable_params", float(B.param_count(self.model, trainable_only=True)), on_step=True, on_epoch=False)
-
-    # ------------------------------------------------------------------ checkpoint state
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        elapsed = self._fit_elapsed_before + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
-        checkpoint["lit_ft"] = {
-            "restarted_at": self._restarted_at,
-            "class_names": self.class_names,
-            "images_seen": self.images_seen,
-            "train_seconds": elapsed,
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._match_regularizer_state(checkpoint)
-        state = checkpoint.get("lit_ft", {})
-        self._restarted_at = state.get("restarted_at")
-        self.images_seen = int(state.get("images_seen", 0))
-        self._fit_elapsed_before = float(state.get("train_seconds", 0.0))
-
-    # ------------------------------------------------------------------ reporting
     def on_fit_start(self) -> None:
         self._fit_started = time.perf_counter()
+        check_distributed(self.trainer.strategy.model, TrainingPlan(self.freeze).has_phases)
         self.plan_table = self.describe_plan()
         rank_zero_info(self.plan_table)
         experiment = getattr(self.logger, "experiment", None)
@@ -525,28 +313,148 @@ class ImageClassifier(L.LightningModule):
             # Indented lines render as preformatted text in TensorBoard's markdown.
             experiment.add_text("lit-ft/plan", "\n".join("    " + line for line in self.plan_table.splitlines()), 0)
 
+    def on_train_start(self) -> None:
+        trainer = self.trainer
+        self.plan = TrainingPlan(self.freeze, steps_per_epoch(trainer.num_training_batches, trainer.accumulate_grad_batches),
+                                 trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None)
+        sched = self._planned_lr()
+        if sched is not None:
+            interval = self.hparams.scheduler_interval
+            sched.bind(run_length(trainer, self.plan, interval), self.plan.restart_step(interval))
+
+    def on_train_epoch_start(self) -> None:
+        sched = self._planned_lr()
+        if sched is not None and self.current_epoch == self.plan.restart_epoch and sched.restarted_at is None:
+            sched.restart()
+            rank_zero_info(f"lit-ft: epoch {self.current_epoch}: fine-tuning phase starts, LR schedule restarted")
+        self.runner.apply(self.plan.trainable(self.current_epoch, self.global_step))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout, drop-path and any other draw from torch's RNG in this step is a function of
+        # (seed, step, rank), so a resumed run draws exactly what an uninterrupted one did.
+        torch.manual_seed(hash((int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_step, self.global_rank)) % 2**63)
+        self.runner.apply(self.plan.trainable(self.current_epoch, self.global_step))
+        sched = self._planned_lr()
+        if sched is not None:
+            sched.apply(self.global_step)  # the unfreeze warm-up, also under an epoch-interval schedule
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._log_lrs()
+
+    def train(self, mode: bool = True) -> "ImageClassifier":
+        super().train(mode)
+        if mode:
+            self.runner.apply_modes()  # model.train() resets every module; frozen groups go back to eval
+        return self
+
+    def _log_lrs(self) -> None:
+        seen = set()
+        for g in self.trainer.optimizers[0].param_groups:
+            name = self.groups[g["layer_group"]].name
+            if name not in seen:
+                seen.add(name)
+                self.log(f"lr/{name}", g["lr"], on_step=True, on_epoch=False)
+        self.log("trainable_params", float(B.param_count(self.model, trainable_only=True)), on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self) -> None:
+        # Budget bookkeeping, read back by benchmarks/experiments.py from the logs.
+        elapsed = self._fit_elapsed_before + time.perf_counter() - self._fit_started
+        self.log("budget/images_seen", float(self.images_seen), on_epoch=True, sync_dist=True, reduce_fx="max")
+        self.log("budget/train_seconds", elapsed, on_epoch=True, sync_dist=True, reduce_fx="max")
+
     def describe_plan(self) -> str:
-        """A table of layer groups: params, lr, weight decay, when each group starts training."""
+        """A table of layer groups: params, LR, weight decay, when each group starts training."""
         lrs: dict[int, float] = {}
         wds: dict[int, float] = {}
         if self._trainer is not None and self.trainer.optimizers:
             for g in self.trainer.optimizers[0].param_groups:
-                i = g.get("layer_group", 0)
-                lrs.setdefault(i, g.get("initial_lr", g["lr"]))  # the peak, not a warm-up's 0
-                wds[i] = max(wds.get(i, 0.0), g.get("weight_decay", 0.0))
-        rows = [("group", "params", "lr", "weight_decay", "trains from")]
-        for i, g in enumerate(self.groups):
-            rows.append(
-                (
-                    g.name,
-                    f"{g.num_params(self.model):,}",
-                    f"{lrs[i]:.3g}" if i in lrs else "-",
-                    f"{wds[i]:.3g}" if i in wds else "-",
-                    self.freeze.describe(i),
-                )
-            )
-        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
-        lines.insert(1, "-+-".join("-" * w for w in widths))
-        return f"lit-ft plan: {self.freeze!r}\n" + "\n".join(lines)
+                lrs.setdefault(g["layer_group"], g.get("initial_lr", g["lr"]))  # the peak, not a warm-up's 0
+                wds[g["layer_group"]] = max(wds.get(g["layer_group"], 0.0), g.get("weight_decay", 0.0))
+        n = range(len(self.groups))
+        return plan_table(
+            self.plan or TrainingPlan(self.freeze), self.groups, [g.num_params(self.model) for g in self.groups],
+            [lrs.get(i) for i in n], [wds.get(i) for i in n],
+        )
 
+    def cached_dataset(self, split: str, dataset: Any, datamodule: Any = None) -> Any:
+        # TRANSITION: the datamodule calls this until its set_dataset_hook lands (data branch).
+        return self.feature_cache.hook(self)(split, dataset) if self.feature_cache is not None else None
+
+    # ------------------------------------------------------------------ checkpoint state
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        elapsed = self._fit_elapsed_before + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        checkpoint["lit_ft"] = {
+            "class_names": self.class_names,
+            "images_seen": self.images_seen,
+            "train_seconds": elapsed,
+            # The preprocessing the model was trained with: test/predict/export use it by default.
+            "data_config": dict(getattr(dm, "resolved_data_config", None) or self.data_config,
+                                grayscale_to_rgb=getattr(dm, "grayscale_to_rgb", True)),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = match_checkpoint_state(
+            {k: v for k, v in self.state_dict().items() if k.startswith("regularizers.")}, checkpoint.get("state_dict", {})
+        )
+        if missing:
+            rank_zero_warn(
+                f"lit-ft: the checkpoint has no state for {len(missing)} regularizer tensors "
+                f"(e.g. {missing[0]}); they keep the values captured when this model was built"
+            )
+        state = checkpoint.get("lit_ft", {})
+        self.images_seen = int(state.get("images_seen", 0))
+        self._fit_elapsed_before = float(state.get("train_seconds", 0.0))
+        if state.get("data_config"):
+            self.data_config = {k: v for k, v in state["data_config"].items() if k != "grayscale_to_rgb"}
+
+
+def _classes(num_classes: Optional[int], class_names: Optional[list[str]]) -> tuple[int, list[str]]:
+    """(number of classes, class names) from either, checked."""
+    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+        raise UserError(
+            f"num_classes={num_classes} but {len(class_names)} class names were given",
+            "drop num_classes (it follows from the data) or fix the class list",
+        )
+    n = num_classes if num_classes is not None else (len(class_names) if class_names else None)
+    if not n:
+        raise UserError(
+            "the number of classes is unknown",
+            "give the data a train folder/dataset (classes flow from it), or set model.num_classes",
+        )
+    if n < 2:  # torchmetrics (and classification itself) need two classes
+        raise UserError(f"only one class ({class_names[0] if class_names else 0}): a classifier needs at least 2", "add a folder per class")
+    return n, list(class_names) if class_names else [str(i) for i in range(n)]
+
+
+def run_length(trainer: L.Trainer, plan: TrainingPlan, interval: str) -> Optional[int]:
+    """The run's scheduler steps (optimizer steps or epochs), or None for an endless run."""
+    if interval == "step":
+        total = trainer.estimated_stepping_batches  # safe here: the train loader is already set up
+        return int(total) if total != float("inf") else None
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        return trainer.max_epochs
+    if trainer.max_steps and trainer.max_steps > 0:
+        return -(-trainer.max_steps // plan.steps_per_epoch)
+    return None
+
+
+def check_distributed(wrapped: Any, has_phases: bool) -> None:
+    """Refuse DDP settings under which a plan with frozen phases would silently go wrong.
+
+    Groups frozen at some point produce no gradients then, so DDP must look for unused
+    parameters; a static graph would be wrong as soon as the trainable set changes.
+    """
+    if not has_phases or not isinstance(wrapped, DistributedDataParallel):
+        return
+    if wrapped.static_graph:
+        raise UserError(
+            "DDP with static_graph=True, but the freeze plan changes the trainable parameters during the run",
+            "drop static_graph from the DDP strategy, or use a plan without phases (Full, LinearProbe, Surgical)",
+        )
+    if not wrapped.find_unused_parameters:
+        raise UserError(
+            "DDP without find_unused_parameters, but the freeze plan keeps some groups frozen for part of the run "
+            "(their parameters get no gradient then, and DDP would wait for them)",
+            "use strategy: ddp_find_unused_parameters_true (the lit-ft CLI picks it for you), or "
+            "DDPStrategy(find_unused_parameters=True)",
+        )

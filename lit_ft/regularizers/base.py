@@ -118,3 +118,19 @@ def unique_names(names: Sequence[str]) -> list[str]:
         out.append(n if k == 0 else f"{n}_{k}")
         seen[n] = k + 1
     return out
+
+
+def match_checkpoint_state(own: dict[str, torch.Tensor], checkpoint_state: dict[str, torch.Tensor]) -> list[str]:
+    """Make a checkpoint's regularizer tensors (``regularizers.*``: anchors, DELTA's teacher)
+    fit the regularizers of the module loading it, in place.
+
+    Entries of regularizers the module does not have are dropped (they only matter while
+    training with them). Entries it needs but the checkpoint lacks get ``own``'s values (those
+    captured when the module was built) and are returned, so the caller can warn: on resume
+    those anchors are then this build's weights, not the original run's pretrained ones.
+    """
+    for k in [k for k in checkpoint_state if k.startswith("regularizers.") and k not in own]:
+        del checkpoint_state[k]
+    missing = [k for k in own if k not in checkpoint_state]
+    checkpoint_state.update({k: own[k] for k in missing})
+    return missing
