@@ -1,22 +1,47 @@
-"""``lit-ft fit|validate|test|predict --config x.yaml``: the LightningCLI, nothing else."""
+"""``lit-ft <command> --config x.yaml``: the LightningCLI and lit-ft's own commands, nothing else.
+
+Lightning's commands are ``fit``, ``validate``, ``test`` and ``predict``. lit-ft's own
+(``VERBS``: export, lr_find, sweep, ...) are functions in the modules that own them, run
+through the same parser: the same ``--config`` files (model/data/trainer sections, plus the
+command's own options, which a YAML may also set), ``--ckpt_path best|last|file``, one-line
+errors with a HINT, and ``--help`` built from the function's signature and docstring.
+A command function looks like::
+
+    def export_command(cli: LitFTCLI, format: Literal["timm", "onnx"] = "onnx", out: Optional[str] = None) -> None:
+        '''Export a trained model (one line for `lit-ft --help`).
+
+        Args:
+            format: ... (shown by `lit-ft export --help`)
+        '''
+
+and gets the instantiated model (with the checkpoint's weights when ``--ckpt_path`` is
+given), datamodule and trainer as ``cli.model``, ``cli.datamodule``, ``cli.trainer``.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import pickle
 import re
 import sys
+import warnings
 from argparse import ArgumentError
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.callbacks import ConfusionLogger, PredictionWriter, RunRecord, ThroughputLogger, TrainSamplesLogger
 from lit_ft.callbacks.checkpointing import (
     LastEpochCheckpoint,
     check_checkpoint_fits,
     refuse_code_pickle,
+    restore_weights,
     use_atomic_checkpoints,
 )
 from lit_ft.callbacks.interrupt import GracefulInterrupt
@@ -27,6 +52,26 @@ from lit_ft.errors import UserError
 from lit_ft.models import ImageClassifier
 
 CKPT_ALIASES = ("best", "last")
+# The data options a checkpoint's preprocessing fills in for validate/test/predict and resume.
+DATA_CONFIG_OPTIONS = ("image_size", "mean", "std", "interpolation", "crop_pct", "grayscale_to_rgb")
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One of lit-ft's own commands: ``target`` is ``"module:function"`` (imported on use, so
+    optional dependencies stay optional); ``instantiate`` False skips building the model,
+    data and trainer (commands that only read the config, e.g. a sweep of subprocesses)."""
+
+    target: str
+    instantiate: bool = True
+
+    def function(self) -> Callable[..., Any]:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+# lit-ft's own commands, beside Lightning's fit/validate/test/predict.
+VERBS: dict[str, Verb] = {}
 
 
 class LitFTCLI(LightningCLI):
@@ -34,7 +79,18 @@ class LitFTCLI(LightningCLI):
     (best + last), TensorBoard under ``runs/<experiment>/version_N``, ``--ckpt_path best|last``
     that works in a new process, and a CSV writer for ``predict``."""
 
+    def __init__(self, *args: Any, verb: Optional[tuple[str, Verb]] = None, **kwargs: Any) -> None:
+        self.verb = verb
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
+        if self.verb is not None:
+            name, verb = self.verb
+            parser.add_argument(
+                "--ckpt_path", type=Optional[str], default=None,
+                help="checkpoint: best or last (of the newest run of this config), or a .ckpt file",
+            )
+            parser.add_function_arguments(verb.function(), nested_key=None, skip={"cli"})
         parser.link_arguments("data", "model.num_classes", compute_fn=_num_classes, apply_on="instantiate")
         parser.link_arguments("data", "model.class_names", compute_fn=_class_names, apply_on="instantiate")
         # ModelCheckpoint whose last.ckpt is the latest epoch (Lightning 2.6 keeps it = best).
@@ -76,9 +132,35 @@ class LitFTCLI(LightningCLI):
             raise explain_parse_error(str(err), sub_parser, sub) from None
 
     def instantiate_trainer(self, **kwargs: Any):
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        strategy = kwargs.get("strategy", (cfg.get("trainer") or {}).get("strategy"))
+        phases = getattr(getattr(self.model, "freeze", None), "ever_trainable", None) is not None and (
+            self.model.freeze.ever_trainable() != self.model.freeze.trainable(0, 0)
+        )
+        unused = f"{strategy}_find_unused_parameters_true"
+        if phases and isinstance(strategy, str) and unused in StrategyRegistry:
+            # Groups frozen for part of the run send no gradient then: DDP must not wait for them.
+            rank_zero_info(f"lit-ft: the freeze plan changes mid-run; strategy {strategy} -> {unused}")
+            kwargs["strategy"] = unused
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)  # a crash while saving never corrupts last.ckpt
         return trainer
+
+    def instantiate_classes(self) -> None:
+        if self.verb is not None and not self.verb[1].instantiate:
+            return  # e.g. a sweep: it only needs the parsed config
+        super().instantiate_classes()
+        ckpt = self.config.get("ckpt_path") if self.verb is not None else None
+        if ckpt:
+            check_checkpoint_fits(ckpt, self.model)
+            restore_weights(self.model, ckpt)
+
+    def run_verb(self) -> None:
+        """Call the chosen lit-ft command with its options from the parsed config."""
+        name, verb = self.verb
+        fn = verb.function()
+        params = [p for p in inspect.signature(fn).parameters if p != "cli"]
+        fn(self, **{p: self.config[p] for p in params if p in self.config})
 
     # A checkpoint of other classes/shapes: say so in the user's terms, not as a load_state_dict trace.
     def before_fit(self) -> None:
@@ -101,9 +183,9 @@ class LitFTCLI(LightningCLI):
     # -- checkpoints: aliases, hparams, and no re-download of pretrained weights ------------
     def _parse_ckpt_path(self) -> None:
         sub = self.config.get("subcommand")
-        if not sub:
+        if not sub and self.verb is None:
             return
-        cfg = self.config[sub]
+        cfg = self.config[sub] if sub else self.config
         ckpt = cfg.get("ckpt_path")
         if not ckpt:
             return
@@ -116,25 +198,29 @@ class LitFTCLI(LightningCLI):
             ckpt = str(path)
         if not Path(ckpt).is_file():
             raise UserError(f"checkpoint not found: {ckpt}", "pass an existing .ckpt path, or `best`/`last`")
-        if cfg.get("weights_only") is None:
+        if sub and cfg.get("weights_only") is None:
             cfg["weights_only"] = True  # a checkpoint from elsewhere must not run code when loaded
         try:
-            hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+            checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as err:
             raise refuse_code_pickle(ckpt, err) from err
         except Exception as err:
             raise UserError(f"cannot read checkpoint {ckpt}: {str(err).splitlines()[0]}", "is it a complete lit-ft .ckpt?")
-        hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
         names = hparams.pop("class_names", None)
         hparams.pop("num_classes", None)  # link targets: they come from the data
         # The checkpoint holds every weight: do not fetch pretrained ones again (no network needed).
         hparams["pretrained"] = False
         data_cfg = cfg.get("data")
-        if names and data_cfg is not None:
+        if data_cfg is not None:
             init = data_cfg.get("init_args", data_cfg)
-            if init.get("class_names") is None and _data_has_no_classes(init):
+            if names and init.get("class_names") is None and _data_has_no_classes(init):
                 init["class_names"] = names
-        self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+            trained = (checkpoint.get("lit_ft") or {}).get("data_config")
+            if trained:
+                _use_trained_preprocessing(init, trained, ckpt)
+        target = {sub: {"model": hparams}} if sub else {"model": hparams}
+        self.config = self.parser.parse_object(target, self.config)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -180,7 +266,15 @@ def _set_logger_version(cfg: Any, version: int) -> None:
 
 
 def run_dirs(cfg: Any) -> list[Path]:
-    """Version directories of this experiment, newest first."""
+    """Version directories of this experiment, newest first.
+
+    A config saved in a run directory (``runs/<exp>/version_N/config.yaml``) belongs to that
+    run: its own directory comes first, whatever the logger's name and save_dir say.
+    """
+    configs = [Path(str(c)) for c in (cfg.get("config") or [])]
+    own = [c.parent for c in configs if (c.parent / "checkpoints").is_dir() and re.fullmatch(r"version_\d+", c.parent.name)]
+    if own:
+        return [own[-1]]
     logger = cfg.get("trainer", {}).get("logger")
     init = logger["init_args"] if (isinstance(logger, dict) or hasattr(logger, "init_args")) else {}
     save_dir = Path(str(init.get("save_dir") or "runs"))
@@ -216,8 +310,17 @@ def resolve_ckpt_alias(alias: str, cfg: Any) -> tuple[Path, Optional[int]]:
 
 
 def run_dirs_root(cfg: Any) -> str:
+    """The folder searched for this experiment's runs (for messages)."""
     dirs = run_dirs(cfg)
-    return str(dirs[0].parent) if dirs else "runs/<experiment>"
+    if dirs:
+        return str(dirs[0].parent)
+    logger = cfg.get("trainer", {}).get("logger")
+    init = logger["init_args"] if (isinstance(logger, dict) or hasattr(logger, "init_args")) else {}
+    name = init.get("name")
+    configs = cfg.get("config") or []
+    if name in (None, "default") and configs:
+        name = Path(str(configs[-1])).stem
+    return str(Path(str(init.get("save_dir") or "runs")) / (name or "default"))
 
 
 def main(args: ArgsType = None, *, return_cli: bool = False) -> Optional[LitFTCLI]:
@@ -227,8 +330,21 @@ def main(args: ArgsType = None, *, return_cli: bool = False) -> Optional[LitFTCL
         args: command-line words (``["fit", "--config", "x.yaml"]``); default ``sys.argv``.
         return_cli: return the :class:`LitFTCLI` (trainer, model, datamodule) instead of None.
     """
+    words = list(args) if isinstance(args, (list, tuple)) else (sys.argv[1:] if args is None else None)
+    verb = words[0] if words and words[0] in VERBS else None
     try:
-        cli = make_cli(args)
+        if verb is not None:
+            cli = make_cli(words[1:], run=False, verb=(verb, VERBS[verb]))
+            cli.run_verb()
+        else:
+            cli = make_cli(args)
+    except SystemExit as exit:
+        if words is not None and words[:1] in (["-h"], ["--help"]) and exit.code == 0 and VERBS:
+            print("lit-ft's own commands (lit-ft <command> --help for their options):")
+            for name, v in VERBS.items():
+                doc = inspect.getdoc(v.function()) or ""
+                print(f"  {name:<10} {doc.splitlines()[0] if doc else ''}")
+        raise
     except Exception as err:
         user_error = _find_user_error(err)
         if user_error is None and isinstance(err, ArgumentError):
@@ -265,6 +381,32 @@ def make_cli(args: ArgsType = None, run: bool = True, **kwargs: Any) -> LitFTCLI
         run=run,
         **kwargs,
     )
+
+
+def _use_trained_preprocessing(init: Any, trained: dict, ckpt: str) -> None:
+    """Fill the data options the user left unset with the preprocessing the model was
+    trained with (stored in the checkpoint); warn where an explicit value differs."""
+    values = {
+        "image_size": int(trained["input_size"][-1]) if trained.get("input_size") else None,
+        "mean": list(trained["mean"]) if trained.get("mean") is not None else None,
+        "std": list(trained["std"]) if trained.get("std") is not None else None,
+        "interpolation": trained.get("interpolation"),
+        "crop_pct": trained.get("crop_pct"),
+        "grayscale_to_rgb": trained.get("grayscale_to_rgb"),
+    }
+    for key in DATA_CONFIG_OPTIONS:
+        value = values.get(key)
+        if value is None or key not in init:
+            continue
+        given = init.get(key)
+        if given is None or (key == "grayscale_to_rgb" and given is True and value is False):
+            init[key] = value
+        elif (list(given) if isinstance(given, (list, tuple)) else given) != value:
+            warnings.warn(
+                f"lit-ft: data.{key}={given!r} differs from the {value!r} the model in {ckpt} was trained with; "
+                "using yours",
+                stacklevel=2,
+            )
 
 
 def _find_user_error(err: BaseException) -> Optional[UserError]:

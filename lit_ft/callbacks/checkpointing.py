@@ -231,3 +231,16 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def restore_weights(model: torch.nn.Module, path: PathLike) -> None:
+    """Load a lit-ft checkpoint's weights (and the state its hooks keep: regularizer anchors,
+    the trained preprocessing) into ``model``, outside a Trainer (for lit-ft's own commands).
+
+    The file is read with ``weights_only=True``; call :func:`check_checkpoint_fits` first for
+    a readable message when it does not fit.
+    """
+    ckpt = _load(path)
+    if hasattr(model, "on_load_checkpoint"):
+        model.on_load_checkpoint(ckpt)
+    model.load_state_dict(ckpt["state_dict"])
