@@ -1,12 +1,13 @@
-"""The training plan: what a run does at (epoch, step), from explicit numbers, no Trainer.
+"""The training plan: what a run does at (epoch, step), from explicit numbers.
 
 Owns :class:`TrainingPlan` (which layer groups train, BN/dropout modes, each group's LR
 factor (the unfreeze warm-up), when LP-FT restarts the schedule, which epochs can train on
 cached features, the plan table) and :class:`PlanRunner`, the few lines that make a model
 match the plan at an epoch/step. The freeze plans themselves are :mod:`lit_ft.schedules`
 (pure functions of (epoch, step)); applying them to modules is :mod:`lit_ft.freezing`.
-This module never builds optimizers or schedulers and never reads a Trainer: the
-LightningModule's hooks pass it the numbers (epoch, step, steps per epoch).
+This module never builds optimizers or schedulers; apart from :func:`run_length` and
+:func:`check_distributed` (which read a Trainer's public settings) it works on the numbers
+the LightningModule's hooks pass it (epoch, step, steps per epoch).
 
 Because every answer is a function of (epoch, step), a resumed or re-fitted run is in the
 right state by construction, and a notebook can replay a whole run's plan without training.
@@ -16,11 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
+import lightning as L
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lit_ft.backbones import LayerGroup
+from lit_ft.errors import UserError
 from lit_ft.freezing import set_bn_modes as set_modes  # TRANSITION: freezing.set_modes (frozen dropout) lands with the weights branch
 from lit_ft.freezing import set_trainable
 from lit_ft.schedules import FreezeSchedule, warmup_factor
@@ -159,3 +163,37 @@ def plan_table(
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return f"lit-ft plan: {plan.schedule!r}\n" + "\n".join(lines)
+
+
+def run_length(trainer: L.Trainer, plan: TrainingPlan, interval: str) -> Optional[int]:
+    """The run's scheduler steps (optimizer steps or epochs), or None for an endless run."""
+    if interval == "step":
+        total = trainer.estimated_stepping_batches  # safe here: the train loader is already set up
+        return int(total) if total != float("inf") else None
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        return trainer.max_epochs
+    if trainer.max_steps and trainer.max_steps > 0:
+        return -(-trainer.max_steps // plan.steps_per_epoch)
+    return None
+
+
+def check_distributed(wrapped: Any, has_phases: bool) -> None:
+    """Refuse DDP settings under which a plan with frozen phases would silently go wrong.
+
+    Groups frozen at some point produce no gradients then, so DDP must look for unused
+    parameters; a static graph would be wrong as soon as the trainable set changes.
+    """
+    if not has_phases or not isinstance(wrapped, DistributedDataParallel):
+        return
+    if wrapped.static_graph:
+        raise UserError(
+            "DDP with static_graph=True, but the freeze plan changes the trainable parameters during the run",
+            "drop static_graph from the DDP strategy, or use a plan without phases (Full, LinearProbe, Surgical)",
+        )
+    if not wrapped.find_unused_parameters:
+        raise UserError(
+            "DDP without find_unused_parameters, but the freeze plan keeps some groups frozen for part of the run "
+            "(their parameters get no gradient then, and DDP would wait for them)",
+            "use strategy: ddp_find_unused_parameters_true (the lit-ft CLI picks it for you), or "
+            "DDPStrategy(find_unused_parameters=True)",
+        )

@@ -88,3 +88,26 @@ def test_checkpoint_of_a_cached_probe_is_an_ordinary_model(tmp_path):
     loaded.eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_the_disk_cache_key_covers_the_preprocessing_of_batch_transforms(tmp_path):
+    # With batch_transforms the dataset yields raw uint8 images whatever the image size, so the
+    # key must include the on-device transform and the resolved data config.
+    kw = dict(cache=True, feature_cache_dir=str(tmp_path / "cache"))
+    first, _, _ = _probe(tmp_path / "a", data_kw={"batch_transforms": True, "image_size": 32}, **kw)
+    other, _, _ = _probe(tmp_path / "b", data_kw={"batch_transforms": True, "image_size": 40}, **kw)
+    assert other.feature_cache.store.hits["computed"] == 2 and other.feature_cache.store.hits["disk"] == 0
+    again, _, _ = _probe(tmp_path / "c", data_kw={"batch_transforms": True, "image_size": 40}, **kw)
+    assert again.feature_cache.store.hits == {"memory": again.feature_cache.store.hits["memory"], "disk": 2, "computed": 0}
+
+
+def test_a_step_unit_plan_that_unfreezes_mid_epoch_trains_on_images_from_the_start(tmp_path):
+    from lit_ft.schedules import Gradual
+
+    # 64 images / batch 16 = 4 steps per epoch; the top body group unfreezes at step 2 of epoch 0.
+    model = tiny_model(freeze=Gradual(every=2, unit="step"), cache_features=True)
+    before = snapshot(model)
+    kinds = BatchKinds()
+    trainer(tmp_path, max_epochs=1, callbacks=[kinds]).fit(model, tiny_data())
+    assert kinds.kinds == {0: "images"}  # a cached epoch would give layer4 no gradient after step 2
+    assert not torch.equal(before["model.layer4.0.conv1.weight"], model.state_dict()["model.layer4.0.conv1.weight"])

@@ -24,7 +24,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
@@ -33,7 +32,7 @@ from lit_ft import optim as O
 from lit_ft.errors import UserError
 from lit_ft.features import FeatureCache
 from lit_ft.lr_schedule import PlannedLR, is_plateau
-from lit_ft.plan import PlanRunner, TrainingPlan, plan_table, steps_per_epoch
+from lit_ft.plan import PlanRunner, TrainingPlan, check_distributed, plan_table, run_length, steps_per_epoch
 from lit_ft.regularizers import Mixup, Regularizer, StepOutputs, unique_names
 from lit_ft.regularizers.base import match_checkpoint_state
 from lit_ft.schedules import FreezeSchedule, Full
@@ -424,37 +423,3 @@ def _classes(num_classes: Optional[int], class_names: Optional[list[str]]) -> tu
     if n < 2:  # torchmetrics (and classification itself) need two classes
         raise UserError(f"only one class ({class_names[0] if class_names else 0}): a classifier needs at least 2", "add a folder per class")
     return n, list(class_names) if class_names else [str(i) for i in range(n)]
-
-
-def run_length(trainer: L.Trainer, plan: TrainingPlan, interval: str) -> Optional[int]:
-    """The run's scheduler steps (optimizer steps or epochs), or None for an endless run."""
-    if interval == "step":
-        total = trainer.estimated_stepping_batches  # safe here: the train loader is already set up
-        return int(total) if total != float("inf") else None
-    if trainer.max_epochs is not None and trainer.max_epochs > 0:
-        return trainer.max_epochs
-    if trainer.max_steps and trainer.max_steps > 0:
-        return -(-trainer.max_steps // plan.steps_per_epoch)
-    return None
-
-
-def check_distributed(wrapped: Any, has_phases: bool) -> None:
-    """Refuse DDP settings under which a plan with frozen phases would silently go wrong.
-
-    Groups frozen at some point produce no gradients then, so DDP must look for unused
-    parameters; a static graph would be wrong as soon as the trainable set changes.
-    """
-    if not has_phases or not isinstance(wrapped, DistributedDataParallel):
-        return
-    if wrapped.static_graph:
-        raise UserError(
-            "DDP with static_graph=True, but the freeze plan changes the trainable parameters during the run",
-            "drop static_graph from the DDP strategy, or use a plan without phases (Full, LinearProbe, Surgical)",
-        )
-    if not wrapped.find_unused_parameters:
-        raise UserError(
-            "DDP without find_unused_parameters, but the freeze plan keeps some groups frozen for part of the run "
-            "(their parameters get no gradient then, and DDP would wait for them)",
-            "use strategy: ddp_find_unused_parameters_true (the lit-ft CLI picks it for you), or "
-            "DDPStrategy(find_unused_parameters=True)",
-        )
