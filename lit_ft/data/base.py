@@ -9,12 +9,13 @@ from typing import Any, Literal, Mapping, Optional, Union
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from lit_ft.data.datasets import FileSource, ImageSource, TransformedDataset, collate_with_ids
 from lit_ft.data.images import IMAGE_EXTENSIONS
 from lit_ft.data.resumable import ResumableDataLoader
 from lit_ft.data.scan import BadImages, list_files, report_ignored, verify_images
+from lit_ft.data.seeding import EpochSeededDataset
 from lit_ft.data.splits import count_for, split_off, stratified_sample
 from lit_ft.data.batch_transforms import BatchTransform, RawUint8
 from lit_ft.data.transforms import Augmentation, ImageTransform, check_auto_augment, resolve_data_config
@@ -340,9 +341,20 @@ class BaseImageDataModule(LightningDataModule):
                  self.num_classes, self._resolved["input_size"])
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the order is reproducible from ``seed``."""
+        """Shuffled training batches; the order and the augmentation are functions of ``(seed, epoch)``.
+
+        With augmentation, each sample is transformed under RNGs seeded from ``(seed, epoch,
+        sample index)`` (:class:`~lit_ft.data.seeding.EpochSeededDataset`), so the batches do
+        not depend on ``num_workers``, persistent workers or where a run was resumed. With
+        ``batch_transforms`` such batches are ``(uint8 images, targets, uniforms [B, 6])``
+        until :meth:`on_after_batch_transfer` turns them into ``(images, targets)``.
+        """
         dataset = self._require(self.train_dataset, "train", "fit")
-        return self._loader(self._maybe_cached("train", dataset), self.batch_size, shuffle=True)
+        swapped = self._maybe_cached("train", dataset)
+        if swapped is not dataset or not self.augment:
+            return self._loader(swapped, self.batch_size, shuffle=True)
+        uniforms = BatchTransform.UNIFORMS if self.batch_transforms else 0
+        return self._loader(EpochSeededDataset(dataset, self.seed, uniforms), self.batch_size, shuffle=True, epoch_keys=True)
 
     def val_dataloader(self) -> Union[DataLoader, list]:
         """Validation batches, or ``[]`` (Lightning then skips validation) when there is none."""
@@ -354,6 +366,9 @@ class BaseImageDataModule(LightningDataModule):
         """With ``batch_transforms``, turn raw uint8 batches into model inputs on the device."""
         if not self._batch_tf:
             return batch
+        if len(batch) == 3:  # a training batch that carries its samples' augmentation draws
+            x, y, uniforms = batch
+            return self.batch_transform("train")(x, uniforms), y
         x, rest = batch
         trainer = getattr(self, "trainer", None)
         training = trainer is not None and trainer.training
@@ -395,11 +410,12 @@ class BaseImageDataModule(LightningDataModule):
             raise UserError(f"{type(self).__name__} has no {split} data", hint)
         return dataset
 
-    def _loader(self, dataset: TransformedDataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, epoch_keys: bool = False) -> DataLoader:
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         # The shuffle order is a function of (seed, epoch): Lightning calls set_epoch() on the
         # sampler, so a run resumed at epoch k sees the same order as an uninterrupted one.
-        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
+        # With epoch_keys the sampler yields (epoch, index) for an EpochSeededDataset.
+        sampler = EpochShuffleSampler(len(dataset), self.seed, with_epoch=epoch_keys) if shuffle else None
         # Training resumes mid-epoch at the right batch (ResumableDataLoader, Lightning's stateful loaders).
         loader_cls = ResumableDataLoader if shuffle else DataLoader
         return loader_cls(
@@ -415,18 +431,29 @@ class BaseImageDataModule(LightningDataModule):
         )
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler[int]):
-    """A random permutation that depends only on ``(seed, epoch)``."""
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A random permutation that depends only on ``(seed, epoch)``.
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    Args:
+        n: dataset length.
+        seed: shuffling seed.
+        with_epoch: yield ``(epoch, index)`` instead of ``index``, for datasets whose items
+            depend on the epoch (:class:`~lit_ft.data.seeding.EpochSeededDataset`): the key is
+            the only way the epoch reaches worker processes.
+    """
+
+    def __init__(self, n: int, seed: int, with_epoch: bool = False) -> None:
+        self.n, self.seed, self.epoch, self.with_epoch = n, seed, 0, with_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.with_epoch:
+            return iter([(self.epoch, i) for i in order])
+        return iter(order)
 
     def __len__(self) -> int:
         return self.n
