@@ -1,10 +1,18 @@
-"""Options, splits, transforms and dataloaders shared by every lit-ft datamodule."""
+"""Options, splits, transforms and dataloaders shared by every lit-ft datamodule.
+
+Owns: the data options, the splits, the transforms built from a data config and the
+dataloaders. Must not touch: the model. It reads the module's public ``data_config`` (duck
+typing, no import of ``lit_ft.models``); whatever else wants to change what a loader serves
+(e.g. the feature cache) registers through :meth:`BaseImageDataModule.set_dataset_hook` and
+reads the public options (``eval_batch_size``, ``seed``, ``augment``, ``num_workers``,
+``batch_transform(kind)``).
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -24,6 +32,8 @@ from lit_ft.errors import UserError
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "val", "test"]
+#: ``hook(split, dataset) -> replacement or None``, see :meth:`BaseImageDataModule.set_dataset_hook`.
+DatasetHook = Callable[[str, Dataset], Optional[Dataset]]
 _NOT_LOADED = object()
 
 
@@ -40,6 +50,11 @@ class BaseImageDataModule(LightningDataModule):
     train/val/test and ``(images, ids)`` for predict, where ``ids`` is a list of strings: the
     path relative to ``predict_dir``, or the test split's sample id (the file's path relative to
     its folder, or the index in the dataset).
+
+    For other components (the feature cache, notebooks) the public surface is: the options
+    ``eval_batch_size`` (always an int), ``seed``, ``augment``, ``num_workers``, the on-device
+    transforms :meth:`batch_transform`, the datasets ``train_dataset``/``val_dataset``/...
+    after :meth:`setup`, and one hook to swap a split's dataset, :meth:`set_dataset_hook`.
 
     Args:
         batch_size: training batch size.
@@ -119,7 +134,7 @@ class BaseImageDataModule(LightningDataModule):
         train_subset, val_split = _as_count(train_subset), _as_count(val_split)
         _check_options(locals())
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
+        self.eval_batch_size = eval_batch_size  # type: ignore[assignment]  # property: None follows batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
@@ -145,6 +160,7 @@ class BaseImageDataModule(LightningDataModule):
                 "drop those options or set batch_transforms: false",
             )
         self._batch_tf: dict[str, Any] = {}
+        self._dataset_hook: Optional[DatasetHook] = None
         self._class_names_arg = list(class_names) if class_names is not None else None
         self._classes: Optional[list[str]] = None
         self._model_data_config: Optional[dict[str, Any]] = None
@@ -161,6 +177,34 @@ class BaseImageDataModule(LightningDataModule):
         self.ignored_files: dict[str, int] = {}
         if predict_dir is not None and not Path(predict_dir).expanduser().is_dir():
             raise UserError(f"predict_dir {predict_dir} does not exist or is not a folder", "point predict_dir at a folder of images")
+
+    # ------------------------------------------------------------------ public options
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Validation/test/predict batch size: the ``eval_batch_size`` option, else ``batch_size``
+        (read at each call, so it follows a ``batch_size`` changed later, e.g. by a tuner)."""
+        return self._eval_batch_size_opt if self._eval_batch_size_opt is not None else self.batch_size
+
+    @eval_batch_size.setter
+    def eval_batch_size(self, value: Optional[int]) -> None:
+        self._eval_batch_size_opt = value
+
+    def set_dataset_hook(self, hook: Optional[DatasetHook]) -> None:
+        """Let ``hook`` swap the dataset a train/val dataloader serves; ``None`` removes it.
+
+        ``hook(split, dataset)`` is called with ``split`` ``"train"`` or ``"val"`` and that
+        split's dataset each time :meth:`train_dataloader`/:meth:`val_dataloader` builds a
+        loader (in ``fit`` that is at the start and whenever Lightning reloads them, e.g. with
+        ``reload_dataloaders_every_n_epochs``). A non-``None`` return replaces the dataset for
+        that loader only (same batch size, workers and shuffling order; training augmentation
+        seeding is not applied to it); ``None`` keeps it. One hook at a time: the data must not
+        depend on an order of several swappers. The feature cache uses this to serve
+        pre-computed backbone features during a linear probe.
+        """
+        if hook is not None and not callable(hook):
+            raise TypeError(f"the dataset hook must be callable or None, got {type(hook).__name__}")
+        self._dataset_hook = hook
 
     # ------------------------------------------------------------------ classes
 
@@ -350,7 +394,7 @@ class BaseImageDataModule(LightningDataModule):
         until :meth:`on_after_batch_transfer` turns them into ``(images, targets)``.
         """
         dataset = self._require(self.train_dataset, "train", "fit")
-        swapped = self._maybe_cached("train", dataset)
+        swapped = self._swap_dataset("train", dataset)
         if swapped is not dataset or not self.augment:
             return self._loader(swapped, self.batch_size, shuffle=True)
         uniforms = BatchTransform.UNIFORMS if self.batch_transforms else 0
@@ -360,7 +404,7 @@ class BaseImageDataModule(LightningDataModule):
         """Validation batches, or ``[]`` (Lightning then skips validation) when there is none."""
         if self.val_dataset is None:
             return []
-        return self._loader(self._maybe_cached("val", self.val_dataset), self._eval_batch_size, shuffle=False)
+        return self._loader(self._swap_dataset("val", self.val_dataset), self.eval_batch_size, shuffle=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With ``batch_transforms``, turn raw uint8 batches into model inputs on the device."""
@@ -378,8 +422,14 @@ class BaseImageDataModule(LightningDataModule):
         """The on-device transform for ``train``/``eval`` batches (identity without ``batch_transforms``)."""
         return self._batch_tf.get(kind, lambda x: x)
 
-    def _maybe_cached(self, split: str, dataset: Any) -> Any:
-        """The model's cached features for ``dataset`` during a cached linear probe, else ``dataset``."""
+    def _swap_dataset(self, split: str, dataset: Dataset) -> Dataset:
+        """What the ``split`` loader serves: the dataset hook's replacement, else ``dataset``."""
+        if self._dataset_hook is not None:
+            replacement = self._dataset_hook(split, dataset)
+            return dataset if replacement is None else replacement
+        # TRANSITION (issue 15 s2): until the feature cache registers through set_dataset_hook,
+        # a module's `cached_dataset(split, dataset, datamodule)` keeps being asked during fit.
+        # Delete from here to the end of this method (and the `_eval_batch_size` alias below).
         trainer = getattr(self, "trainer", None)
         module = trainer.lightning_module if trainer is not None else None
         if module is None or not hasattr(module, "cached_dataset") or trainer.state.fn != "fit":
@@ -389,18 +439,18 @@ class BaseImageDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         """Test batches."""
-        return self._loader(self._require(self.test_dataset, "test", "test"), self._eval_batch_size, shuffle=False)
+        return self._loader(self._require(self.test_dataset, "test", "test"), self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         """``(images, ids)`` batches from ``predict_dir`` or the test split."""
         dataset = self._require(self.predict_dataset, "predict", "predict")
-        return self._loader(dataset, self._eval_batch_size, shuffle=False)
+        return self._loader(dataset, self.eval_batch_size, shuffle=False)
 
     # ------------------------------------------------------------------ helpers
 
     @property
-    def _eval_batch_size(self) -> int:
-        return self.eval_batch_size if self.eval_batch_size is not None else self.batch_size
+    def _eval_batch_size(self) -> int:  # TRANSITION (issue 15 s2): read by ImageClassifier.cached_dataset; delete with it
+        return self.eval_batch_size
 
     def _require(self, dataset: Optional[TransformedDataset], split: str, stage: str) -> TransformedDataset:
         if dataset is None:
