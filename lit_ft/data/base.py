@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from lit_ft.data.datasets import FileSource, ImageSource, TransformedDataset, collate_with_ids
 from lit_ft.data.images import IMAGE_EXTENSIONS
 from lit_ft.data.resumable import ResumableDataLoader
-from lit_ft.data.scan import BadImages, list_files, report_ignored, verify_images
+from lit_ft.data.scan import BadImages, list_files, report_ignored, report_repeated, verify_images
 from lit_ft.data.seeding import EpochSeededDataset
 from lit_ft.data.splits import count_for, split_off, stratified_sample
 from lit_ft.data.batch_transforms import BatchTransform, RawUint8
@@ -321,6 +321,7 @@ class BaseImageDataModule(LightningDataModule):
         root = Path(self.predict_dir).expanduser()  # type: ignore[arg-type]
         listing = list_files(root, self._extensions)
         report_ignored(listing.ignored, f"predict_dir {root}", self._extensions)
+        report_repeated(listing, f"predict_dir {root}")
         self.ignored_files["predict"] = len(listing.ignored)
         if not listing.images:
             raise UserError(
