@@ -113,3 +113,17 @@ def test_batch_transform_augmentation_depends_on_epoch_and_batch_only():
     x0, _, u0 = wrapped[(0, 5)]
     x1, _, u1 = wrapped[(1, 5)]
     assert torch.equal(x0, x1) and not torch.equal(u0, u1)  # same raw image, other augmentation
+
+
+def test_under_ddp_the_epoch_reaches_every_rank_with_the_keys():
+    # Lightning wraps a custom sampler in DistributedSamplerWrapper and forwards set_epoch to it.
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from lit_ft.data.base import EpochShuffleSampler
+
+    keys = []
+    for rank in (0, 1):
+        sampler = DistributedSamplerWrapper(EpochShuffleSampler(10, seed=7, with_epoch=True), num_replicas=2, rank=rank, shuffle=False)
+        sampler.set_epoch(3)
+        keys += list(sampler)
+    assert {epoch for epoch, _ in keys} == {3} and sorted(i for _, i in keys) == list(range(10))
