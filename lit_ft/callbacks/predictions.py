@@ -1,8 +1,16 @@
-"""Write ``predict`` results to a CSV: id (path or index), class name, class index, probability."""
+"""Write ``predict`` results to a CSV: id (path or index), class name, class index, probability.
+
+The CSV is UTF-8. A file name that is not valid UTF-8 (Linux allows any bytes; Python keeps
+the undecodable ones as lone surrogates) is written with those bytes as ``\\xNN`` escapes,
+e.g. ``b"bad\\xff.png"`` as ``bad\\xff.png``, and counted in a warning: writing the surrogates
+failed after all inference was done, and writing the raw bytes would make the whole file
+unreadable as UTF-8 for pandas and spreadsheets.
+"""
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -10,6 +18,24 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
+
+log = logging.getLogger(__name__)
+
+
+def csv_text(value: Any) -> Any:
+    """``value`` made encodable as UTF-8: undecodable file-name bytes become ``\\xNN`` escapes."""
+    if not isinstance(value, str):
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = os.fsencode(value)  # back to the name's bytes (surrogateescape)
+    except UnicodeError:  # a lone surrogate that is no escaped byte
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -39,11 +65,19 @@ class PredictionWriter(BasePredictionWriter):
             path = path.with_suffix(f".rank{trainer.global_rank}.csv")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "w", newline="") as f:
+        ids = [csv_text(i) for i, *_ in self._rows]
+        escaped = [(i, e) for (i, *_), e in zip(self._rows, ids) if e is not i]
+        # utf-8 explicitly: the locale's encoding (ASCII under LANG=C) would fail on "café.png".
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["id", "class", "index", "prob"])
-            writer.writerows((i, c, k, f"{p:.6f}") for i, c, k, p in self._rows)
+            writer.writerows((i, c, k, f"{p:.6f}") for i, (_, c, k, p) in zip(ids, self._rows))
         os.replace(tmp, path)  # never leave a half-written file under the final name
+        if escaped:
+            log.warning(
+                "%d file name(s) are not valid UTF-8; %s writes their undecodable bytes as \\xNN escapes, e.g. %s",
+                len(escaped), path, escaped[0][1],
+            )
         self.last_path = path
         rank_zero_info(f"lit-ft: wrote {len(self._rows)} predictions to {path}")
 

@@ -1,20 +1,29 @@
-"""Options, splits, transforms and dataloaders shared by every lit-ft datamodule."""
+"""Options, splits, transforms and dataloaders shared by every lit-ft datamodule.
+
+Owns: the data options, the splits, the transforms built from a data config and the
+dataloaders. Must not touch: the model. It reads the module's public ``data_config`` (duck
+typing, no import of ``lit_ft.models``); whatever else wants to change what a loader serves
+(e.g. the feature cache) registers through :meth:`BaseImageDataModule.set_dataset_hook` and
+reads the public options (``eval_batch_size``, ``seed``, ``augment``, ``num_workers``,
+``batch_transform(kind)``).
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from lit_ft.data.datasets import FileSource, ImageSource, TransformedDataset, collate_with_ids
 from lit_ft.data.images import IMAGE_EXTENSIONS
 from lit_ft.data.resumable import ResumableDataLoader
-from lit_ft.data.scan import BadImages, list_files, report_ignored, verify_images
+from lit_ft.data.scan import BadImages, list_files, report_ignored, report_repeated, verify_images
+from lit_ft.data.seeding import EpochSeededDataset
 from lit_ft.data.splits import count_for, split_off, stratified_sample
 from lit_ft.data.batch_transforms import BatchTransform, RawUint8
 from lit_ft.data.transforms import Augmentation, ImageTransform, check_auto_augment, resolve_data_config
@@ -23,6 +32,8 @@ from lit_ft.errors import UserError
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "val", "test"]
+#: ``hook(split, dataset) -> replacement or None``, see :meth:`BaseImageDataModule.set_dataset_hook`.
+DatasetHook = Callable[[str, Dataset], Optional[Dataset]]
 _NOT_LOADED = object()
 
 
@@ -39,6 +50,11 @@ class BaseImageDataModule(LightningDataModule):
     train/val/test and ``(images, ids)`` for predict, where ``ids`` is a list of strings: the
     path relative to ``predict_dir``, or the test split's sample id (the file's path relative to
     its folder, or the index in the dataset).
+
+    For other components (the feature cache, notebooks) the public surface is: the options
+    ``eval_batch_size`` (always an int), ``seed``, ``augment``, ``num_workers``, the on-device
+    transforms :meth:`batch_transform`, the datasets ``train_dataset``/``val_dataset``/...
+    after :meth:`setup`, and one hook to swap a split's dataset, :meth:`set_dataset_hook`.
 
     Args:
         batch_size: training batch size.
@@ -118,7 +134,7 @@ class BaseImageDataModule(LightningDataModule):
         train_subset, val_split = _as_count(train_subset), _as_count(val_split)
         _check_options(locals())
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
+        self.eval_batch_size = eval_batch_size  # type: ignore[assignment]  # property: None follows batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
@@ -144,6 +160,7 @@ class BaseImageDataModule(LightningDataModule):
                 "drop those options or set batch_transforms: false",
             )
         self._batch_tf: dict[str, Any] = {}
+        self._dataset_hook: Optional[DatasetHook] = None
         self._class_names_arg = list(class_names) if class_names is not None else None
         self._classes: Optional[list[str]] = None
         self._model_data_config: Optional[dict[str, Any]] = None
@@ -160,6 +177,34 @@ class BaseImageDataModule(LightningDataModule):
         self.ignored_files: dict[str, int] = {}
         if predict_dir is not None and not Path(predict_dir).expanduser().is_dir():
             raise UserError(f"predict_dir {predict_dir} does not exist or is not a folder", "point predict_dir at a folder of images")
+
+    # ------------------------------------------------------------------ public options
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Validation/test/predict batch size: the ``eval_batch_size`` option, else ``batch_size``
+        (read at each call, so it follows a ``batch_size`` changed later, e.g. by a tuner)."""
+        return self._eval_batch_size_opt if self._eval_batch_size_opt is not None else self.batch_size
+
+    @eval_batch_size.setter
+    def eval_batch_size(self, value: Optional[int]) -> None:
+        self._eval_batch_size_opt = value
+
+    def set_dataset_hook(self, hook: Optional[DatasetHook]) -> None:
+        """Let ``hook`` swap the dataset a train/val dataloader serves; ``None`` removes it.
+
+        ``hook(split, dataset)`` is called with ``split`` ``"train"`` or ``"val"`` and that
+        split's dataset each time :meth:`train_dataloader`/:meth:`val_dataloader` builds a
+        loader (in ``fit`` that is at the start and whenever Lightning reloads them, e.g. with
+        ``reload_dataloaders_every_n_epochs``). A non-``None`` return replaces the dataset for
+        that loader only (same batch size, workers and shuffling order; training augmentation
+        seeding is not applied to it); ``None`` keeps it. One hook at a time: the data must not
+        depend on an order of several swappers. The feature cache uses this to serve
+        pre-computed backbone features during a linear probe.
+        """
+        if hook is not None and not callable(hook):
+            raise TypeError(f"the dataset hook must be callable or None, got {type(hook).__name__}")
+        self._dataset_hook = hook
 
     # ------------------------------------------------------------------ classes
 
@@ -276,6 +321,7 @@ class BaseImageDataModule(LightningDataModule):
         root = Path(self.predict_dir).expanduser()  # type: ignore[arg-type]
         listing = list_files(root, self._extensions)
         report_ignored(listing.ignored, f"predict_dir {root}", self._extensions)
+        report_repeated(listing, f"predict_dir {root}")
         self.ignored_files["predict"] = len(listing.ignored)
         if not listing.images:
             raise UserError(
@@ -340,20 +386,34 @@ class BaseImageDataModule(LightningDataModule):
                  self.num_classes, self._resolved["input_size"])
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the order is reproducible from ``seed``."""
+        """Shuffled training batches; the order and the augmentation are functions of ``(seed, epoch)``.
+
+        With augmentation, each sample is transformed under RNGs seeded from ``(seed, epoch,
+        sample index)`` (:class:`~lit_ft.data.seeding.EpochSeededDataset`), so the batches do
+        not depend on ``num_workers``, persistent workers or where a run was resumed. With
+        ``batch_transforms`` such batches are ``(uint8 images, targets, uniforms [B, 6])``
+        until :meth:`on_after_batch_transfer` turns them into ``(images, targets)``.
+        """
         dataset = self._require(self.train_dataset, "train", "fit")
-        return self._loader(self._maybe_cached("train", dataset), self.batch_size, shuffle=True)
+        swapped = self._swap_dataset("train", dataset)
+        if swapped is not dataset or not self.augment:
+            return self._loader(swapped, self.batch_size, shuffle=True)
+        uniforms = BatchTransform.UNIFORMS if self.batch_transforms else 0
+        return self._loader(EpochSeededDataset(dataset, self.seed, uniforms), self.batch_size, shuffle=True, epoch_keys=True)
 
     def val_dataloader(self) -> Union[DataLoader, list]:
         """Validation batches, or ``[]`` (Lightning then skips validation) when there is none."""
         if self.val_dataset is None:
             return []
-        return self._loader(self._maybe_cached("val", self.val_dataset), self._eval_batch_size, shuffle=False)
+        return self._loader(self._swap_dataset("val", self.val_dataset), self.eval_batch_size, shuffle=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With ``batch_transforms``, turn raw uint8 batches into model inputs on the device."""
         if not self._batch_tf:
             return batch
+        if len(batch) == 3:  # a training batch that carries its samples' augmentation draws
+            x, y, uniforms = batch
+            return self.batch_transform("train")(x, uniforms), y
         x, rest = batch
         trainer = getattr(self, "trainer", None)
         training = trainer is not None and trainer.training
@@ -363,8 +423,14 @@ class BaseImageDataModule(LightningDataModule):
         """The on-device transform for ``train``/``eval`` batches (identity without ``batch_transforms``)."""
         return self._batch_tf.get(kind, lambda x: x)
 
-    def _maybe_cached(self, split: str, dataset: Any) -> Any:
-        """The model's cached features for ``dataset`` during a cached linear probe, else ``dataset``."""
+    def _swap_dataset(self, split: str, dataset: Dataset) -> Dataset:
+        """What the ``split`` loader serves: the dataset hook's replacement, else ``dataset``."""
+        if self._dataset_hook is not None:
+            replacement = self._dataset_hook(split, dataset)
+            return dataset if replacement is None else replacement
+        # TRANSITION (issue 15 s2): until the feature cache registers through set_dataset_hook,
+        # a module's `cached_dataset(split, dataset, datamodule)` keeps being asked during fit.
+        # Delete from here to the end of this method (and the `_eval_batch_size` alias below).
         trainer = getattr(self, "trainer", None)
         module = trainer.lightning_module if trainer is not None else None
         if module is None or not hasattr(module, "cached_dataset") or trainer.state.fn != "fit":
@@ -374,18 +440,18 @@ class BaseImageDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         """Test batches."""
-        return self._loader(self._require(self.test_dataset, "test", "test"), self._eval_batch_size, shuffle=False)
+        return self._loader(self._require(self.test_dataset, "test", "test"), self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         """``(images, ids)`` batches from ``predict_dir`` or the test split."""
         dataset = self._require(self.predict_dataset, "predict", "predict")
-        return self._loader(dataset, self._eval_batch_size, shuffle=False)
+        return self._loader(dataset, self.eval_batch_size, shuffle=False)
 
     # ------------------------------------------------------------------ helpers
 
     @property
-    def _eval_batch_size(self) -> int:
-        return self.eval_batch_size if self.eval_batch_size is not None else self.batch_size
+    def _eval_batch_size(self) -> int:  # TRANSITION (issue 15 s2): read by ImageClassifier.cached_dataset; delete with it
+        return self.eval_batch_size
 
     def _require(self, dataset: Optional[TransformedDataset], split: str, stage: str) -> TransformedDataset:
         if dataset is None:
@@ -395,11 +461,12 @@ class BaseImageDataModule(LightningDataModule):
             raise UserError(f"{type(self).__name__} has no {split} data", hint)
         return dataset
 
-    def _loader(self, dataset: TransformedDataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, epoch_keys: bool = False) -> DataLoader:
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         # The shuffle order is a function of (seed, epoch): Lightning calls set_epoch() on the
         # sampler, so a run resumed at epoch k sees the same order as an uninterrupted one.
-        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
+        # With epoch_keys the sampler yields (epoch, index) for an EpochSeededDataset.
+        sampler = EpochShuffleSampler(len(dataset), self.seed, with_epoch=epoch_keys) if shuffle else None
         # Training resumes mid-epoch at the right batch (ResumableDataLoader, Lightning's stateful loaders).
         loader_cls = ResumableDataLoader if shuffle else DataLoader
         return loader_cls(
@@ -415,18 +482,29 @@ class BaseImageDataModule(LightningDataModule):
         )
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler[int]):
-    """A random permutation that depends only on ``(seed, epoch)``."""
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A random permutation that depends only on ``(seed, epoch)``.
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    Args:
+        n: dataset length.
+        seed: shuffling seed.
+        with_epoch: yield ``(epoch, index)`` instead of ``index``, for datasets whose items
+            depend on the epoch (:class:`~lit_ft.data.seeding.EpochSeededDataset`): the key is
+            the only way the epoch reaches worker processes.
+    """
+
+    def __init__(self, n: int, seed: int, with_epoch: bool = False) -> None:
+        self.n, self.seed, self.epoch, self.with_epoch = n, seed, 0, with_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.with_epoch:
+            return iter([(self.epoch, i) for i in order])
+        return iter(order)
 
     def __len__(self) -> int:
         return self.n

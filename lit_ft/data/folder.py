@@ -10,7 +10,7 @@ from typing import Any, Optional
 from lit_ft.data.base import BaseImageDataModule, Split
 from lit_ft.data.datasets import FileSource
 from lit_ft.data.images import IMAGE_EXTENSIONS
-from lit_ft.data.scan import BadImages, is_hidden, list_files, report_ignored, verify_images
+from lit_ft.data.scan import BadImages, FileListing, is_hidden, list_files, report_ignored, report_repeated, verify_images
 from lit_ft.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -121,10 +121,23 @@ class ImageFolderDataModule(BaseImageDataModule):
             return None
         where = self._option(split)
         assert self._classes is not None
+        same: dict[str, str] = {}
+        for name in self._classes:
+            first = same.setdefault(os.path.realpath(root / name), name)
+            if first != name:
+                raise UserError(
+                    f"class folders {first} and {name} of {where} are the same folder (a symbolic link): "
+                    "its images would get two labels",
+                    "give each class its own folder, or remove the link",
+                )
         paths, targets, ignored = [], [], []
+        repeated = FileListing()
         for label, name in enumerate(self._classes):
-            listing = list_files(root / name, self._extensions)
+            others = [root] + [root / other for other in self._classes if other != name]
+            listing = list_files(root / name, self._extensions, elsewhere=others)
             ignored += listing.ignored
+            repeated.repeated_dirs += listing.repeated_dirs
+            repeated.repeated_files += listing.repeated_files
             if not listing.images:
                 raise UserError(
                     f"class folder {root / name} has no images" + (f" (only {len(listing.ignored)} non-image files)" if listing.ignored else ""),
@@ -136,6 +149,7 @@ class ImageFolderDataModule(BaseImageDataModule):
         if stray:
             log.warning("ignored %d file(s) directly in %s: only files inside class subfolders are used", len(stray), where)
         report_ignored(ignored, where, self._extensions)
+        report_repeated(repeated, where)
         self.ignored_files[split] = len(ignored) + len(stray)
 
         good, bad = verify_images(paths, self._bad_images, where)

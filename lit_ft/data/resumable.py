@@ -9,7 +9,12 @@ the batches already trained on. Skipping happens on the index batches, so no ima
 for nothing, and under DDP it applies per rank (after the distributed sampler).
 
 The order within an epoch must be a function of the epoch (``EpochShuffleSampler``), so the
-resumed epoch draws the same permutation.
+resumed epoch draws the same permutation, and so must the augmentation (``data/seeding.py``).
+
+Not torchdata's ``StatefulDataLoader`` (0.11, tried under Lightning 2.6): Lightning calls
+``iter()`` on the resumed loader in ``FitLoop.setup_data`` before ``set_epoch``, and it draws
+(and fast-forwards) the sampler right there, so a run resumed mid-epoch in epoch >= 1 trained on
+epoch 0's order (tests/test_interrupt.py: 77 tensors differed); this loader waits for the first batch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Finding image files on disk and weeding out unreadable ones, with the user told about both."""
+"""Finding image files on disk and weeding out unreadable ones, with the user told about both.
+
+Owns: walking folders (symbolic links followed, each real folder and file taken once) and the
+warnings about what was passed over. Must not touch: labels and splits (the datamodules').
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 from lit_ft.data.images import check_image
 from lit_ft.errors import UserError
@@ -26,10 +30,18 @@ class FileListing:
     Attributes:
         images: files with an image extension, sorted by path.
         ignored: other files (not hidden), sorted by path.
+        repeated_dirs: ``(path, first)`` for each folder reached again through a symbolic link
+            (a link loop, or two paths to one folder): not entered, ``first`` is where it was
+            (or is) listed from.
+        repeated_files: ``(path, kept)`` for each file reached again under another path (a
+            link to a file already listed): left out, ``kept`` is the path that was listed (the
+            file itself rather than a link to it, when the walk reaches both).
     """
 
     images: list[Path] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
+    repeated_dirs: list[tuple[Path, Path]] = field(default_factory=list)
+    repeated_files: list[tuple[Path, Path]] = field(default_factory=list)
 
 
 def is_hidden(name: str) -> bool:
@@ -37,26 +49,82 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def list_files(root: Path, extensions: Sequence[str]) -> FileListing:
+def list_files(root: Path, extensions: Sequence[str], elsewhere: Iterable[Path] = ()) -> FileListing:
     """Recursively list the files under ``root`` (symlinks followed, hidden entries skipped).
+
+    Each real folder is entered once and each real file listed once: ``os.walk(followlinks=True)``
+    has no cycle detection, so a link loop (``cat/up -> ..``) listed every image ~40 times (until
+    the OS refused the path), silently. Folders and files reached again are recorded in
+    ``repeated_dirs``/``repeated_files`` for :func:`report_repeated`.
 
     Args:
         root: folder to walk.
         extensions: lower-case extensions (with the dot) that mark image files; matching is
             case-insensitive, so ``IMG_1.JPG`` counts.
+        elsewhere: folders listed separately (e.g. the split folder and the other class
+            folders when ``root`` is one class folder): a link into one of them is not
+            followed, so a link loop cannot pull other classes' images under this label.
     """
     exts = {e.lower() for e in extensions}
     listing = FileListing()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-        for name in sorted(filenames):
-            if is_hidden(name):
+    root = Path(root)
+    seen_dirs: dict[str, Path] = {os.path.realpath(d): Path(d) for d in elsewhere}
+    seen_dirs.pop(os.path.realpath(root), None)
+    files: dict[str, list[tuple[Path, bool]]] = {}  # real path -> (path, is a link) in walk order
+    stack = [root]  # depth-first, in sorted order, so which duplicate is kept is reproducible
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen_dirs:
+            listing.repeated_dirs.append((folder, seen_dirs[real]))
+            continue
+        seen_dirs[real] = folder
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not is_hidden(e.name)), key=lambda e: e.name)
+        except OSError as err:  # unreadable folder: say so (os.walk skipped it silently)
+            log.warning("cannot list folder %s: %s", folder, err.strerror or err)
+            continue
+        subfolders = []
+        for entry in entries:
+            path = Path(entry.path)
+            if _is_dir(entry):
+                subfolders.append(path)
                 continue
-            path = Path(dirpath, name)
-            (listing.images if path.suffix.lower() in exts else listing.ignored).append(path)
+            files.setdefault(os.path.realpath(path), []).append((path, entry.is_symlink()))
+        stack.extend(reversed(subfolders))
+    for paths in files.values():
+        kept = next((p for p, link in paths if not link), paths[0][0])
+        listing.repeated_files += [(p, kept) for p, _ in paths if p != kept]
+        (listing.images if kept.suffix.lower() in exts else listing.ignored).append(kept)
     listing.images.sort()
     listing.ignored.sort()
     return listing
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links
+    except OSError:  # e.g. a link loop the OS refuses to resolve: not a folder we can enter
+        return False
+
+
+def report_repeated(listing: FileListing, where: str) -> None:
+    """Log one warning per kind of repeat (folders, files), with the count and an example."""
+    if listing.repeated_dirs:
+        path, first = listing.repeated_dirs[0]
+        log.warning(
+            "%s: %d folder(s) reached a second time through symbolic links were not entered "
+            "(a link loop, or two links to one folder), e.g. %s is the same folder as %s",
+            where, len(listing.repeated_dirs), path, first,
+        )
+    if listing.repeated_files:
+        path, first = listing.repeated_files[0]
+        log.warning(
+            "%s: %d file(s) reached a second time under another path (symbolic links) were listed once, "
+            "e.g. %s is the same file as %s",
+            where, len(listing.repeated_files), path, first,
+        )
 
 
 def report_ignored(ignored: Sequence[Path], where: str, extensions: Sequence[str]) -> None:

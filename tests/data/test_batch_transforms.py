@@ -38,10 +38,29 @@ def test_hflip_only_flips():
 def test_datamodule_ships_uint8_and_transforms_after_transfer():
     dm = SyntheticDataModule(image_size=24, batch_size=8, batch_transforms=True)
     dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
+    x, y, uniforms = next(iter(dm.train_dataloader()))  # augmenting: each sample's draws come along
     assert x.dtype == torch.uint8 and x.shape[-1] == 32  # raw, native size
-    out, y2 = dm.on_after_batch_transfer((x, y), 0)
+    assert uniforms.shape == (8, BatchTransform.UNIFORMS) and 0 <= uniforms.min() and uniforms.max() < 1
+    out, y2 = dm.on_after_batch_transfer((x, y, uniforms), 0)
     assert out.dtype == torch.float32 and out.shape == (8, 3, 24, 24) and torch.equal(y, y2)
+    x, y = next(iter(dm.val_dataloader()))
+    out, y2 = dm.on_after_batch_transfer((x, y), 0)
+    assert out.shape == (x.shape[0], 3, 24, 24) and torch.equal(y, y2)
+
+
+def test_given_uniforms_fix_the_crop_and_flip():
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    tf = BatchTransform(CFG, Augmentation(scale=(0.2, 1.0), hflip=0.5))
+    u = torch.tensor([[0.3, 0.5, 0.2, 0.9, 0.1, 0.7], [0.9, 0.1, 0.5, 0.5, 0.8, 0.2]])
+    torch.manual_seed(0)
+    a = tf(x, u)
+    torch.manual_seed(1)
+    assert torch.equal(a, tf(x, u))  # the global RNG plays no part
+    full = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.9, 0.9]]).expand(2, 6)  # whole image, square, centred, no flip
+    torch.testing.assert_close(tf(x, full), BatchTransform(CFG, None)(x), atol=1e-5, rtol=0)
+    flipped = full.clone()
+    flipped[:, 4] = 0.0  # u < hflip: flip
+    torch.testing.assert_close(tf(x, flipped), BatchTransform(CFG, None)(x).flip(-1), atol=1e-5, rtol=0)
 
 
 def test_batch_transforms_refuse_unsupported_augmentations():
