@@ -262,7 +262,7 @@ class FeatureCache:
                 name=module.hparams.backbone,
                 head_only=plan.head_only(epoch),
                 epoch=epoch,
-                batch_size=dm.eval_batch_size or dm.batch_size,
+                batch_size=dm.eval_batch_size,
                 num_workers=dm.num_workers,
                 seed=dm.seed,
                 augmenting=augmenting,

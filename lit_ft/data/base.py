@@ -428,15 +428,7 @@ class BaseImageDataModule(LightningDataModule):
         if self._dataset_hook is not None:
             replacement = self._dataset_hook(split, dataset)
             return dataset if replacement is None else replacement
-        # TRANSITION (issue 15 s2): until the feature cache registers through set_dataset_hook,
-        # a module's `cached_dataset(split, dataset, datamodule)` keeps being asked during fit.
-        # Delete from here to the end of this method (and the `_eval_batch_size` alias below).
-        trainer = getattr(self, "trainer", None)
-        module = trainer.lightning_module if trainer is not None else None
-        if module is None or not hasattr(module, "cached_dataset") or trainer.state.fn != "fit":
-            return dataset
-        cached = module.cached_dataset(split, dataset, self)
-        return dataset if cached is None else cached
+        return dataset
 
     def test_dataloader(self) -> DataLoader:
         """Test batches."""
@@ -448,10 +440,6 @@ class BaseImageDataModule(LightningDataModule):
         return self._loader(dataset, self.eval_batch_size, shuffle=False)
 
     # ------------------------------------------------------------------ helpers
-
-    @property
-    def _eval_batch_size(self) -> int:  # TRANSITION (issue 15 s2): read by ImageClassifier.cached_dataset; delete with it
-        return self.eval_batch_size
 
     def _require(self, dataset: Optional[TransformedDataset], split: str, stage: str) -> TransformedDataset:
         if dataset is None:

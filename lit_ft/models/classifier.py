@@ -289,8 +289,7 @@ class ImageClassifier(L.LightningModule):
         self.runner.mark_ever_trainable(TrainingPlan(self.freeze))
         dm = self.trainer.datamodule
         if self.feature_cache is not None:
-            if hasattr(dm, "set_dataset_hook"):
-                dm.set_dataset_hook(self.feature_cache.hook(self))
+            dm.set_dataset_hook(self.feature_cache.hook(self))
             if TrainingPlan(self.freeze).has_phases or self.hparams.cache_views > 1:
                 # Rebuild loaders each epoch: a phase change switches back to images, and each
                 # epoch gets its augmented view; cached features make this cheap.
@@ -373,10 +372,6 @@ class ImageClassifier(L.LightningModule):
             self.plan or TrainingPlan(self.freeze), self.groups, [g.num_params(self.model) for g in self.groups],
             [lrs.get(i) for i in n], [wds.get(i) for i in n],
         )
-
-    def cached_dataset(self, split: str, dataset: Any, datamodule: Any = None) -> Any:
-        # TRANSITION: the datamodule calls this until its set_dataset_hook lands (data branch).
-        return self.feature_cache.hook(self)(split, dataset) if self.feature_cache is not None else None
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
