@@ -62,36 +62,39 @@ def extract_pre_logits(
     dataset: Dataset,
     batch_size: int,
     num_workers: int = 0,
-    seed: Optional[int] = None,
-    batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    view: Optional[tuple[int, int]] = None,
+    batch_transform: Optional[Callable[..., torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-logits (timm ``forward_head(pre_logits=True)``) of every item, in dataset order.
 
-    Runs in eval mode. ``seed`` fixes the RNG of random (augmenting) transforms;
-    ``batch_transform`` is applied on the device to each batch (for raw uint8 datasets).
+    Runs in eval mode. ``view=(seed, v)`` draws the random (augmenting) transforms of view
+    ``v`` as training draws those of epoch ``v``: a function of (seed, v, index), whatever
+    ``num_workers`` is (:class:`~lit_ft.data.seeding.EpochSeededDataset`). ``batch_transform``
+    is applied on the device to each batch (for raw uint8 datasets).
     """
+    from lit_ft.data.batch_transforms import BatchTransform
+    from lit_ft.data.seeding import EpochSeededDataset
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     fmt = torch.channels_last if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) else None
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    rng_state = torch.random.get_rng_state()
-    if seed is not None:
-        torch.manual_seed(seed)  # main-process transforms draw from the global RNG
+    uniforms = BatchTransform.UNIFORMS if view is not None and isinstance(batch_transform, BatchTransform) else 0
+    source = EpochSeededDataset(dataset, view[0], uniforms) if view is not None else dataset
+    keys = [(view[1], i) for i in range(len(dataset))] if view is not None else None
     feats, targets = [], []
     try:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=generator)
-        for x, y in loader:
-            x = x.to(device)
+        loader = DataLoader(source, batch_size=batch_size, sampler=keys, num_workers=num_workers)
+        for batch in loader:
+            x, y = batch[0].to(device), batch[1]
             if batch_transform is not None:
-                x = batch_transform(x)
+                x = batch_transform(x, batch[2]) if uniforms else batch_transform(x)
             if fmt is not None:
                 x = x.contiguous(memory_format=fmt)
             f = model.forward_head(model.forward_features(x), pre_logits=True)  # (B, D)
             feats.append(f.float().cpu())
             targets.append(torch.as_tensor(y))
     finally:
-        torch.random.set_rng_state(rng_state)
         model.train(was_training)
     return torch.cat(feats), torch.cat(targets).long()
 
@@ -226,9 +229,7 @@ class FeatureCache:
         )
         feats, targets = self.store.get(
             key,
-            lambda: extract_pre_logits(
-                backbone, dataset, batch_size, num_workers, seed * 1000 + view if augmenting else None, batch_transform
-            ),
+            lambda: extract_pre_logits(backbone, dataset, batch_size, num_workers, (seed, view) if augmenting else None, batch_transform),
         )
         return FeatureDataset(feats, targets)
 

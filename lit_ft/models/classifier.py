@@ -30,9 +30,10 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, M
 from lit_ft import backbones as B
 from lit_ft import optim as O
 from lit_ft.errors import UserError
+from lit_ft.data.seeding import sample_seed
 from lit_ft.features import FeatureCache
 from lit_ft.lr_schedule import PlannedLR, is_plateau
-from lit_ft.plan import PlanRunner, TrainingPlan, check_distributed, plan_table, run_length, steps_per_epoch
+from lit_ft.plan import PlanRunner, seed_model_rngs, TrainingPlan, check_distributed, plan_table, run_length, steps_per_epoch
 from lit_ft.regularizers import Mixup, Regularizer, StepOutputs, unique_names
 from lit_ft.regularizers.base import match_checkpoint_state
 from lit_ft.schedules import FreezeSchedule, Full
@@ -330,7 +331,7 @@ class ImageClassifier(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout, drop-path and any other draw from torch's RNG in this step is a function of
         # (seed, step, rank), so a resumed run draws exactly what an uninterrupted one did.
-        torch.manual_seed(hash((int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_step, self.global_rank)) % 2**63)
+        seed_model_rngs(sample_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_step, self.global_rank))
         self.runner.apply(self.plan.trainable(self.current_epoch, self.global_step))
         sched = self._planned_lr()
         if sched is not None:
