@@ -5,7 +5,8 @@
     python benchmarks/experiments.py --report-only          # rebuild the tables and plot
     python benchmarks/experiments.py --strategies full_ft --fractions 0.1 --tag timm_head --set model.head_init=timm
 
-Runs `lit-ft fit --config configs/experiments/<strategy>.yaml` once per
+Runs `lit-ft fit -c configs/experiments/_base.yaml -c configs/experiments/<strategy>.yaml`
+(the shared recipe, then the strategy's changes; the run is named after the strategy) once per
 (strategy, fraction, seed) in a subprocess, with `train_subset`, `max_epochs` and the seed
 overridden, logging to runs/experiments/<strategy>-<pct>pct/seed<N>. Then it reads every
 finished run back from its TensorBoard event files (test/acc, budget/train_seconds,
@@ -47,6 +48,7 @@ from benchmarks.report import cpu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "experiments"
+BASE_CONFIG = CONFIGS / "_base.yaml"  # the recipe every strategy shares; each <strategy>.yaml holds only its changes
 RUNS = ROOT / "runs" / "experiments"
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
@@ -67,6 +69,16 @@ ANCHORS = [
     ("WRN-40-4, 8.9M params, standard augmentation", 96.7),
 ]
 BEGIN, END = "<!-- experiments:begin -->", "<!-- experiments:end -->"
+
+
+def config_names() -> list[str]:
+    """Every strategy with a config (``_base.yaml`` is the shared recipe, not a strategy)."""
+    return sorted(c.stem for c in CONFIGS.glob("*.yaml") if not c.name.startswith("_"))
+
+
+def config_args(strategy: str) -> list[str]:
+    """``--config _base.yaml --config <strategy>.yaml``: the last config names the run."""
+    return ["--config", str(BASE_CONFIG), "--config", str(CONFIGS / f"{strategy}.yaml")]
 
 
 def run_dir(strategy: str, fraction: float, seed: int) -> Path:
@@ -159,7 +171,7 @@ def launch(strategy: str, fraction: float, seed: int, epochs: int, overrides: li
         out.parent.mkdir(parents=True, exist_ok=True)
         (out.parent / "overrides.txt").write_text("\n".join(overrides) + "\n")
     cmd = [
-        sys.executable, "-m", "lit_ft", "fit", "--config", str(CONFIGS / f"{base_strategy(strategy)}.yaml"),
+        sys.executable, "-m", "lit_ft", "fit", *config_args(base_strategy(strategy)),
         "--data.init_args.train_subset", str(fraction), "--trainer.max_epochs", str(epochs),
         "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
         "--trainer.logger.init_args.save_dir", str(out.parent.parent),
@@ -450,9 +462,9 @@ def main(argv: list[str] | None = None) -> None:
     bad = [kv for kv in args.set if "=" not in kv or kv.startswith("-")]
     if bad:
         p.error(f"--set {bad[0]!r}: write KEY=VALUE, e.g. model.head_init=timm")
-    unknown = [s for s in args.strategies if not (CONFIGS / f"{s}.yaml").is_file()]
+    unknown = [s for s in args.strategies if s not in config_names()]
     if unknown:
-        p.error(f"no configs/experiments/<name>.yaml for {', '.join(unknown)}; known: {', '.join(sorted(c.stem for c in CONFIGS.glob('*.yaml')))}")
+        p.error(f"no configs/experiments/<name>.yaml for {', '.join(unknown)}; known: {', '.join(config_names())}")
     epochs = dict(DEFAULT_EPOCHS)
     epochs.update({float(k): int(v) for k, v in (e.split("=") for e in args.epochs)})
     recorded = {(r["strategy"], float(r["fraction"]), str(r["seed"])) for r in load_records(DOCS / RECORDS_NAME)}
@@ -471,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
                         launch(name, fraction, seed, epochs.get(fraction, 4), args.set)
     # The report always covers every strategy that has runs, not only the ones just run;
     # each variant sits right under the strategy it varies.
-    names = STRATEGIES + sorted(c.stem for c in CONFIGS.glob("*.yaml") if c.stem not in STRATEGIES)
+    names = STRATEGIES + [c for c in config_names() if c not in STRATEGIES]
     found = variants(RUNS, DOCS / RECORDS_NAME)
     write_results([x for n in names for x in [n] + sorted(v for v in found if base_strategy(v) == n)])
 

@@ -104,8 +104,12 @@ def test_unknown_strategy_is_refused_before_anything_runs(capsys):
     assert "fulll_ft" in capsys.readouterr().err
 
 
-def test_every_suite_strategy_has_a_config():
+def test_every_suite_strategy_has_a_config_and_the_shared_base_is_not_one(capsys):
     assert all((ex.CONFIGS / f"{s}.yaml").is_file() for s in ex.STRATEGIES)
+    assert set(ex.STRATEGIES) <= set(ex.config_names()) and "_base" not in ex.config_names()
+    with pytest.raises(SystemExit):
+        ex.main(["--strategies", "_base", "--report-only"])
+    assert "no configs/experiments/<name>.yaml for _base" in capsys.readouterr().err
 
 
 def test_variant_rows_sit_under_their_strategy_with_overrides_and_stay_out_of_the_findings(suite):
@@ -136,7 +140,10 @@ def test_variant_launch_passes_overrides_after_the_suite_and_records_them(tmp_pa
     monkeypatch.setattr(ex, "write_results", lambda names: calls.append(names))
     ex.main(["--strategies", "full_ft", "--fractions", "0.1", "--tag", "timm_head", "--set", "model.head_init=timm"])
     cmd = calls[0]
-    assert cmd[cmd.index("--config") + 1].endswith("configs/experiments/full_ft.yaml")
+    configs = [cmd[i + 1] for i, word in enumerate(cmd) if word == "--config"]
+    # the shared recipe, then the strategy's changes: the last config names the run
+    assert [Path(c).relative_to(ex.ROOT).as_posix() for c in configs] == [
+        "configs/experiments/_base.yaml", "configs/experiments/full_ft.yaml"]
     assert cmd[-2:] == ["--model.head_init", "timm"] and cmd.index("--trainer.max_epochs") < len(cmd) - 2
     assert cmd[cmd.index("--trainer.logger.init_args.name") + 1] == "full_ft+timm_head-10pct"
     assert (tmp_path / "full_ft+timm_head-10pct" / "overrides.txt").read_text() == "model.head_init=timm\n"
