@@ -3,8 +3,8 @@ and DDP with the lowest layer groups frozen (the backward pass stops above them)
 
     python -m benchmarks.cpu_ddp [--steps 70] [--rounds 2]
 
-Each runs `lit-ft fit` on the suite's layer-decay recipe (configs/experiments/layer_decay.yaml,
-layer_decay_ddp.yaml, cpu_best.yaml: EfficientNet-Lite0, Fashion-MNIST, 64 px, 64 images per
+Each runs `lit-ft fit` on the suite's layer-decay recipe (configs/experiments/_base.yaml with
+layer_decay.yaml, layer_decay_ddp.yaml or cpu_best.yaml: EfficientNet-Lite0, Fashion-MNIST, 64 px, 64 images per
 optimizer step in all), alternating over rounds so all see the same machine load. Throughput is the
 optimizer steps between the 10th and the last logged step over the wall time between them
 (from the runs' event files), times 64 images.
@@ -20,21 +20,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.experiments import config_args
 from benchmarks.report import ROOT, command, table, write_section
 
-VARIANTS = {
-    "one process, all cores as threads (batch 64)": "configs/experiments/layer_decay.yaml",
-    "DDP, one process per core (batch 32 each)": "configs/experiments/layer_decay_ddp.yaml",
-    "DDP + stem, blocks.0-1 frozen (cpu_best)": "configs/experiments/cpu_best.yaml",
+VARIANTS = {  # strategies of configs/experiments/
+    "one process, all cores as threads (batch 64)": "layer_decay",
+    "DDP, one process per core (batch 32 each)": "layer_decay_ddp",
+    "DDP + stem, blocks.0-1 frozen (cpu_best)": "cpu_best",
 }
 GLOBAL_BATCH = 64
 
 
-def steps_per_second(config: str, steps: int, out: Path) -> float:
+def steps_per_second(strategy: str, steps: int, out: Path) -> float:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     subprocess.run(
-        [sys.executable, "-m", "lit_ft", "fit", "--config", str(ROOT / config), "--data.init_args.train_subset", "12800",
+        [sys.executable, "-m", "lit_ft", "fit", *config_args(strategy), "--data.init_args.train_subset", "12800",
          "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
          "--test_after_fit", "false", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "10",
          "--trainer.logger.init_args.save_dir", str(out), "--checkpoint.save_last", "false"],
@@ -54,9 +55,9 @@ def main() -> None:
     args = p.parse_args()
     rates: dict[str, list[float]] = {k: [] for k in VARIANTS}
     for _ in range(args.rounds):
-        for name, config in VARIANTS.items():
+        for name, strategy in VARIANTS.items():
             with tempfile.TemporaryDirectory() as d:
-                rates[name].append(steps_per_second(config, args.steps, Path(d)))
+                rates[name].append(steps_per_second(strategy, args.steps, Path(d)))
             print(name, f"{rates[name][-1] * GLOBAL_BATCH:.0f} img/s", flush=True)
     base = statistics.median(rates[next(iter(VARIANTS))])
     rows = [[k, f"{statistics.median(v) * GLOBAL_BATCH:.0f}", f"{statistics.median(v) / base:.2f}x",

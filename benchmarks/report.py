@@ -1,10 +1,11 @@
-"""Shared by the benchmarks: machine description and writing a table into BENCHMARKS.md."""
+"""Shared by the benchmark scripts: the machine description, markdown tables, a per-iteration
+timer, and writing a section of BENCHMARKS.md (through :mod:`benchmarks.markdown`, which every
+script that writes markdown uses)."""
 
 from __future__ import annotations
 
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -13,6 +14,8 @@ from pathlib import Path
 import lightning as L
 import timm
 import torch
+
+from benchmarks import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
@@ -51,14 +54,11 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_section(name: str, body: str, command: str) -> None:
-    """Replace (or append) the section `## name` of BENCHMARKS.md."""
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# lit-ft benchmarks\n\nEach section is written by the command it names.\n"
+    """Replace (or append) the section ``## name`` of BENCHMARKS.md, stamped with the command,
+    the date and the machine (see :mod:`benchmarks.markdown`)."""
     stamp = time.strftime("%Y-%m-%d")
-    section = f"## {name}\n\nCommand: `{command}` ({stamp})\n\nMachine: {machine()}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    BENCHMARKS_MD.write_text(text)
-    print(section)
+    full = f"Command: `{command}` ({stamp})\n\nMachine: {machine()}\n\n{body.strip()}\n"
+    print(markdown.write_section(BENCHMARKS_MD, name, full, heading="# lit-ft benchmarks"))
 
 
 def median(xs: list[float]) -> float:

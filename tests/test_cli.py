@@ -124,24 +124,57 @@ def test_python_m_lit_ft_runs_the_same_cli():
     assert proc.returncode == 0 and "--model.backbone" in proc.stdout and "--model.freeze" in proc.stdout
 
 
+# Every config a user can run: configs/experiments/_base.yaml is the shared recipe of the
+# strategies beside it, not an experiment of its own.
+CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml") if not p.name.startswith("_"))
+
+
+def config_files(config: Path) -> list[Path]:
+    """The files of a run, in order: a strategy in a folder with a ``_base.yaml`` is a delta on it."""
+    base = ROOT / config.parent / "_base.yaml"
+    return ([base] if base.is_file() else []) + [ROOT / config]
+
+
+def config_args(config: Path) -> list[str]:
+    return [arg for f in config_files(config) for arg in ("--config", str(f))]
+
+
 def _uses_ddp(config: Path) -> bool:
-    return "ddp" in str((yaml.safe_load(config.read_text()).get("trainer") or {}).get("strategy", ""))
+    strategy = ""
+    for f in config_files(config):  # the last file that sets it wins, as on the command line
+        strategy = (yaml.safe_load(f.read_text()).get("trainer") or {}).get("strategy", strategy)
+    return "ddp" in str(strategy)
 
 
-@pytest.mark.parametrize("config", sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml")), ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_every_config_runs_with_fast_dev_run(config):
     # In-process here (one device: Lightning's DDP launcher would re-run pytest's argv); the DDP
     # configs also run as a user runs them in test_a_ddp_config_runs_from_the_command_line.
-    one_device = ["--trainer.strategy", "auto", "--trainer.devices", "1"] if _uses_ddp(ROOT / config) else []
+    one_device = ["--trainer.strategy", "auto", "--trainer.devices", "1"] if _uses_ddp(config) else []
     cli = main(
-        ["fit", "--config", str(ROOT / config), "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false", *one_device],
+        ["fit", *config_args(config), "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false", *one_device],
         return_cli=True,
     )
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 2
+    # The run is named after the last config (the strategy), never after the shared base.
+    assert cli.config["fit"]["trainer"]["logger"]["init_args"]["name"] == config.stem
 
 
-DDP_CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml") if _uses_ddp(p))
+def _leaves(tree: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}.{key}" if prefix else key).items()}
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if len(config_files(c)) > 1], ids=str)
+def test_a_strategy_config_holds_only_what_it_changes_in_the_base(config):
+    base, delta = (_leaves(yaml.safe_load(f.read_text()) or {}) for f in config_files(config))
+    restated = sorted(k for k, v in delta.items() if k in base and base[k] == v)
+    assert not restated, f"{config} repeats {restated} from _base.yaml"
+
+
+DDP_CONFIGS = [c for c in CONFIGS if _uses_ddp(c)]
 
 
 @pytest.mark.slow
@@ -153,7 +186,7 @@ def test_a_ddp_config_runs_from_the_command_line(config, tmp_path):
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_PORT": str(31000 + os.getpid() % 1000)}
     proc = subprocess.run(
-        [sys.executable, "-m", "lit_ft", "fit", "--config", str(ROOT / config), "--trainer.max_steps", "3",
+        [sys.executable, "-m", "lit_ft", "fit", *config_args(config), "--trainer.max_steps", "3",
          "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2", "--data.init_args.train_subset", "640",
          "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
@@ -161,10 +194,10 @@ def test_a_ddp_config_runs_from_the_command_line(config, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (run,) = (tmp_path / Path(config).stem).iterdir()
+    (run,) = (tmp_path / Path(config).stem).iterdir()  # named after the strategy
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
     acc.Reload()
-    per_rank = yaml.safe_load((ROOT / config).read_text())["data"]["init_args"]["batch_size"]
+    per_rank = yaml.safe_load((run / "config.yaml").read_text())["data"]["init_args"]["batch_size"]  # as resolved
     # both processes trained (images seen = 3 steps x 2 ranks x batch), and the test ran
     assert acc.Scalars("budget/images_seen")[-1].value == 3 * 2 * per_rank
     assert "test/acc" in acc.Tags()["scalars"]
