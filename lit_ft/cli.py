@@ -333,6 +333,7 @@ def main(args: ArgsType = None, *, return_cli: bool = False) -> Optional[LitFTCL
     words = list(args) if isinstance(args, (list, tuple)) else (sys.argv[1:] if args is None else None)
     verb = words[0] if words and words[0] in VERBS else None
     try:
+        _check_composed_configs(words or [])
         if verb is not None:
             cli = make_cli(words[1:], run=False, verb=(verb, VERBS[verb]))
             cli.run_verb()
@@ -381,6 +382,24 @@ def make_cli(args: ArgsType = None, run: bool = True, **kwargs: Any) -> LitFTCLI
         run=run,
         **kwargs,
     )
+
+
+def _check_composed_configs(words: list[str]) -> None:
+    """A strategy config that builds on a ``_base.yaml`` beside it needs that base first.
+
+    Raises:
+        UserError: the base was not given, naming the command that works.
+    """
+    configs = [Path(words[i + 1]) for i, w in enumerate(words[:-1]) if w in ("-c", "--config")]
+    configs += [Path(w.split("=", 1)[1]) for w in words if w.startswith("--config=")]
+    given = {c.resolve() for c in configs}
+    for c in configs:
+        base = c.parent / "_base.yaml"
+        if c.name != "_base.yaml" and base.is_file() and base.resolve() not in given:
+            raise UserError(
+                f"{c} builds on {base}, which was not given",
+                f"pass the base first: lit-ft {words[0] if words else 'fit'} -c {base} -c {c}",
+            )
 
 
 def _use_trained_preprocessing(init: Any, trained: dict, ckpt: str) -> None:

@@ -164,3 +164,12 @@ def test_a_saved_run_config_finds_its_own_checkpoints(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         test = main(["test", "--config", str(saved), "--ckpt_path", "best"], return_cli=True)
     assert "test/acc" in test.trainer.callback_metrics
+
+
+def test_a_strategy_config_without_its_base_is_one_clear_error(capsys):
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(root / "configs/experiments/gradual.yaml")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "builds on" in err and "_base.yaml, which was not given" in err
+    assert "HINT: pass the base first: lit-ft fit -c" in err
