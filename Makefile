@@ -7,13 +7,18 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: run test install data benchmarks clean
+.PHONY: run test test-fast install data benchmarks clean
 
 run: install data
 	$(BIN)/lit-ft fit --config $(CONFIG)
 
 test: install data
 	$(BIN)/python -m pytest
+
+# The quick loop while developing: everything but the tests marked slow (subprocesses, DDP,
+# notebooks, real data, TensorBoard server). CI runs `make test`, all of them.
+test-fast: install data
+	$(BIN)/python -m pytest -m "not slow"
 
 install: $(VENV)/.installed
 
