@@ -81,6 +81,11 @@ def _explain_value(key: str, detail: str, help_hint: str) -> UserError:
         choices = re.findall(r"'([^']*)'", m.group(1))
         return UserError(f"{key}: {given!r} is not one of {', '.join(choices)}", "use one of them" + _did_you_mean(given, choices))
 
+    m = re.search(r"Not of type (\w+): (?:could not convert string to \w+: '([^']*)'|(\S+) does not conform)", detail)
+    if m and m.group(1) in _RESTRICTED:
+        given = m.group(2) if m.group(2) is not None else m.group(3)
+        return UserError(f"{key}: expected {_RESTRICTED[m.group(1)]}, got {given!r}", f"give {key} such a value; " + help_hint)
+
     types = _expected_types(detail)
     if types:
         return UserError(f"{key}: expected {' or '.join(types)}, got {given!r}", f"give {key} a value of that type; " + help_hint)
@@ -90,6 +95,16 @@ def _explain_value(key: str, detail: str, help_hint: str) -> UserError:
 
 
 # --------------------------------------------------------------------------- helpers
+
+# jsonargparse's constrained types used in lit-ft signatures, in words.
+_RESTRICTED = {
+    "PositiveInt": "an integer > 0",
+    "NonNegativeInt": "an integer >= 0",
+    "PositiveFloat": "a number > 0",
+    "NonNegativeFloat": "a number >= 0",
+    "ClosedUnitInterval": "a number in [0, 1]",
+    "OpenUnitInterval": "a number in (0, 1)",
+}
 
 
 def _keys(parser: Any) -> list[str]:

@@ -77,11 +77,13 @@ def test_unknown_backbone_suggests_the_closest_timm_names(capsys):
         (["--data.train_sizee", "8"], ["SyntheticDataModule (data) has no option 'train_sizee'", "data.train_size"]),
         (["--model.optimizer", "torch.optim.SGD", "--model.optimizer.lrr", "0.1"], ["SGD (model.optimizer) has no option 'lrr'", "model.optimizer.lr"]),
         (["--model.freeze", "lit_ft.schedules.Gradul"], ["no 'Gradul' in lit_ft.schedules", "lit_ft.schedules.Gradual"]),
-        (["--model.drop_rate", "high"], ["model.drop_rate: expected float, got 'high'"]),
+        (["--model.drop_rate", "high"], ["model.drop_rate: expected a number in [0, 1], got 'high'"]),
+        (["--model.label_smoothing", "1.5"], ["model.label_smoothing: expected a number in [0, 1], got '1.5'"]),
+        (["--model.cache_views", "-1"], ["model.cache_views: expected an integer >= 0, got '-1'"]),
         (["--trainer.max_epochs", "abc"], ["trainer.max_epochs: expected int or None, got 'abc'"]),
         (["--model.scheduler_interval", "epochs"], ["'epochs' is not one of step, epoch", "did you mean 'epoch'"]),
     ],
-    ids=["option", "lr", "data-option", "optimizer-option", "class-path", "float", "int", "choice"],
+    ids=["option", "lr", "data-option", "optimizer-option", "class-path", "float", "range", "nonnegative", "int", "choice"],
 )
 def test_unknown_option_or_wrong_type_names_the_key_and_the_fix(extra, expected, capsys):
     err = fails(["fit", *SYNTH, *extra], capsys)
