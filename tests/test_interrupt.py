@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import Dataset
 
+from lit_ft.callbacks import BudgetCounter
 from lit_ft.cli import main
 from lit_ft.data.base import EpochShuffleSampler
 from lit_ft.data.resumable import ResumableDataLoader
@@ -86,7 +87,8 @@ def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
 def resume_and_compare(uninterrupted: dict[str, torch.Tensor], extra: tuple[str, ...] = ()) -> None:
     cli = main(["fit", *ARGS, *extra, "--ckpt_path", "last"], return_cli=True)
     assert cli.trainer.global_step == STEPS
-    assert cli.model.images_seen == STEPS * 8  # the budget counts on across the interruption
+    budget = next(c for c in cli.trainer.callbacks if isinstance(c, BudgetCounter))
+    assert budget.images_seen == STEPS * 8  # the budget counts on across the interruption
     assert Path(cli.trainer.log_dir) == Path("runs/default/version_0")  # the same run continues
     got = cli.model.state_dict()
     assert got.keys() == uninterrupted.keys()

@@ -436,20 +436,12 @@ class ImageClassifier(L.LightningModule):
             set_bn_modes(self.model, self.groups, self._applied, self.freeze.train_bn, self.freeze.freeze_bn_stats)
         return self
 
-    def on_train_epoch_end(self) -> None:
-        # Budget bookkeeping, read back by benchmarks/experiments.py from the logs.
-        elapsed = self._fit_elapsed_before + time.perf_counter() - self._fit_started
-        self.log("budget/images_seen", float(self.images_seen), on_epoch=True, sync_dist=True, reduce_fx="max")
-        self.log("budget/train_seconds", elapsed, on_epoch=True, sync_dist=True, reduce_fx="max")
-
     def on_train_epoch_start(self) -> None:
         self._maybe_restart_schedule()
         self.apply_freeze()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.apply_freeze()
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            self._log_lrs()
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         # A group unfrozen mid-run ramps its lr up; applied around the step only, so the
@@ -485,18 +477,6 @@ class ImageClassifier(L.LightningModule):
             scheduler.total_steps = self._schedule_length(from_epoch=at)
         self._restarted_at = at
         rank_zero_info(f"lit-ft: epoch {at}: fine-tuning phase starts, LR schedule restarted")
-
-    def _log_lrs(self) -> None:
-        if not self.trainer.optimizers:
-            return
-        factors = self._lr_factors()
-        seen = set()
-        for g, f in zip(self.trainer.optimizers[0].param_groups, factors):
-            name = self.groups[g.get("layer_group", 0)].name
-            if name not in seen:
-                seen.add(name)
-                self.log(f"lr/{name}", g["lr"] * f, on_step=True, on_epoch=False)
-        self.log("trainable_params", float(B.param_count(self.model, trainable_only=True)), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
