@@ -32,13 +32,22 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_ft.callbacks import ConfusionLogger, PredictionWriter, RunRecord, ThroughputLogger, TrainSamplesLogger
+from lit_ft.callbacks import (
+    BudgetCounter,
+    ConfusionLogger,
+    PlanMonitor,
+    PredictionWriter,
+    RunRecord,
+    TrainSamplesLogger,
+    throughput_monitor,
+)
 from lit_ft.callbacks.checkpointing import (
-    LastEpochCheckpoint,
+    LAST_EPOCH_CHECKPOINT,
     check_checkpoint_fits,
     refuse_code_pickle,
     restore_weights,
@@ -93,23 +102,29 @@ class LitFTCLI(LightningCLI):
             parser.add_function_arguments(verb.function(), nested_key=None, skip={"cli"})
         parser.link_arguments("data", "model.num_classes", compute_fn=_num_classes, apply_on="instantiate")
         parser.link_arguments("data", "model.class_names", compute_fn=_class_names, apply_on="instantiate")
-        # ModelCheckpoint whose last.ckpt is the latest epoch (Lightning 2.6 keeps it = best).
-        parser.add_lightning_class_args(LastEpochCheckpoint, "checkpoint")
+        # Two stock ModelCheckpoints in one folder: the best epoch, and last.ckpt = the latest epoch
+        # (Lightning 2.6's save_last would keep last.ckpt = the best one). Listed in this order, so
+        # trainer.checkpoint_callback (and Lightning's ckpt_path="best") is the best one.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
                 "checkpoint.filename": "best-epoch{epoch:02d}-acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")  # save_top_k: 0 turns it off
+        parser.set_defaults({f"last_checkpoint.{k}": v for k, v in LAST_EPOCH_CHECKPOINT.items()})
+        parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")  # one folder for both
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         # TensorBoard inspection, each configurable (and switched off) from YAML, e.g.
         # `confusion: {every_n_epochs: 0}`, `train_samples: {num_images: 0}`, `throughput: {enabled: false}`.
         parser.add_lightning_class_args(ConfusionLogger, "confusion")
         parser.add_lightning_class_args(TrainSamplesLogger, "train_samples")
-        parser.add_lightning_class_args(ThroughputLogger, "throughput")
+        parser.add_lightning_class_args(throughput_monitor, "throughput")  # Lightning's ThroughputMonitor
+        parser.add_lightning_class_args(BudgetCounter, "budget")  # budget/images_seen, budget/train_seconds
+        parser.add_lightning_class_args(PlanMonitor, "plan_monitor")  # lr/<group>, trainable_params
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="after fit, test the best checkpoint on the test split"
         )
@@ -298,7 +313,8 @@ def resolve_ckpt_alias(alias: str, cfg: Any) -> tuple[Path, Optional[int]]:
             return last, version
         state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
         for key, value in state.items():
-            if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
+            # the monitored one: last_checkpoint's state (no monitor) names last.ckpt as its "best"
+            if key.startswith("ModelCheckpoint") and value.get("monitor") and value.get("best_model_path"):
                 best = Path(value["best_model_path"])
                 if best.is_file():
                     return best, version

@@ -6,6 +6,8 @@ starts the second rank by re-running this script. MODE:
 - ``gradual``: gradual unfreezing, groups unfrozen mid-run (DDP must still sync them).
 - ``regularized``: full fine-tuning with L2-SP, DELTA (with channel attention), BSS, mixup and
   an EMA of the weights; each rank also saves the EMA average.
+- ``callbacks``: 2 epochs with validation and TensorBoard; each rank saves the budget counter's
+  images and the validation confusion matrix (tests/test_budget.py).
 """
 
 import sys
@@ -13,10 +15,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_ft.callbacks import EMA  # noqa: E402
+from lit_ft.callbacks import EMA, BudgetCounter, ConfusionLogger  # noqa: E402
 from lit_ft.regularizers import BSS, DELTA, L2SP, Mixup  # noqa: E402
 from lit_ft.schedules import Gradual  # noqa: E402
 from tests.helpers import snapshot, tiny_data, tiny_model, trainer as make_trainer  # noqa: E402
@@ -34,6 +37,15 @@ def main(mode: str, out: Path) -> None:
             mixup=Mixup(mixup_alpha=0.2, cutmix_alpha=1.0),
         )
         callbacks.append(EMA(decay=0.9))
+    elif mode == "callbacks":
+        budget, confusion = BudgetCounter(), ConfusionLogger(misclassified=0)
+        model = tiny_model()
+        trainer = make_trainer(out, devices=2, strategy="ddp", deterministic=False, callbacks=[budget, confusion],
+                               logger=TensorBoardLogger(str(out), name="tb"))
+        trainer.fit(model, tiny_data(train_size=64, val_size=48))
+        saved = {"images_seen": budget.images_seen, "matrix": confusion.matrix}
+        torch.save(saved, out / f"rank{trainer.global_rank}.pt")
+        return
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     before = snapshot(model)
@@ -44,7 +56,7 @@ def main(mode: str, out: Path) -> None:
                            callbacks=callbacks)
     # Shuffled, per-rank shards: ranks see different data, so only all-reduce keeps them equal.
     trainer.fit(model, tiny_data(train_size=128))
-    saved = {"before": before, "after": snapshot(model), "images_seen": model.images_seen}
+    saved = {"before": before, "after": snapshot(model)}
     if callbacks:
         saved["ema"] = {k: v.clone() for k, v in callbacks[0].average.items()}
     torch.save(saved, out / f"rank{trainer.global_rank}.pt")

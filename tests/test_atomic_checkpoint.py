@@ -1,5 +1,6 @@
 """Checkpoint writes are atomic: a write that dies half-way leaves the previous file loadable.
-And ``last.ckpt`` is the latest epoch, not a copy of the best one (Lightning 2.6's default)."""
+And ``last.ckpt`` is the latest epoch, not a copy of the best one (Lightning 2.6's default), written by a
+second stock ModelCheckpoint that `--ckpt_path best` tells apart from the best one."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from lit_ft.callbacks.checkpointing import AtomicCheckpointIO, atomic_save
-from lit_ft.cli import main
+from lit_ft.cli import main, resolve_ckpt_alias
 
 TINY = [
     "--model.backbone", "test_resnet",
@@ -90,3 +91,27 @@ def test_last_ckpt_is_the_latest_epoch_even_when_the_metric_did_not_improve():
     assert len(bests) == 1 and bests[0].startswith("best-epoch00")
     # Same state key as a plain ModelCheckpoint: `--ckpt_path best` and older checkpoints keep working.
     assert any(k.startswith("ModelCheckpoint{") for k in last["callbacks"])
+
+
+def test_best_and_last_go_to_the_folder_given_and_last_can_be_switched_off(tmp_path):
+    main(["fit", *TINY, "--trainer.max_epochs", "1", "--checkpoint.dirpath", str(tmp_path / "ck")])
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert len(names) == 2 and names[0].startswith("best-epoch00") and names[1] == "last.ckpt", names
+    assert not CKPTS.exists()  # last.ckpt follows checkpoint.dirpath, not the run folder
+    main(["fit", *TINY, "--trainer.max_epochs", "1", "--checkpoint.dirpath", str(tmp_path / "off"),
+          "--last_checkpoint.save_top_k", "0"])
+    assert [p.name for p in (tmp_path / "off").iterdir()] == [names[0]]
+
+
+def test_ckpt_path_best_follows_the_monitored_checkpoint_state_whatever_its_order():
+    # last.ckpt holds two ModelCheckpoint states; the unmonitored one names last.ckpt as its "best".
+    CKPTS.mkdir(parents=True)
+    best = CKPTS / "best-epoch00-acc0.5000.ckpt"
+    torch.save({"state_dict": {}}, best)
+    states = {
+        "ModelCheckpoint{'monitor': None}": {"monitor": None, "best_model_path": str(CKPTS / "last.ckpt")},
+        "ModelCheckpoint{'monitor': 'val/acc'}": {"monitor": "val/acc", "best_model_path": str(best)},
+    }
+    torch.save({"callbacks": states}, CKPTS / "last.ckpt")
+    assert resolve_ckpt_alias("best", {"trainer": {}}) == (best, 0)
+    assert resolve_ckpt_alias("last", {"trainer": {}}) == (CKPTS / "last.ckpt", 0)

@@ -32,7 +32,6 @@ def assert_ranks_identical(r0: dict, r1: dict, key: str = "after") -> list[str]:
 def test_ddp_gradual_unfreeze_keeps_ranks_identical(tmp_path):
     r0, r1 = run_ddp("gradual", tmp_path, 0)
     assert_ranks_identical(r0, r1)
-    assert r0["images_seen"] == r1["images_seen"] == 4 * 128  # all ranks' images: 4 epochs of 128
     # BN running stats are per-rank buffers: DDP broadcasts rank 0's before every forward, so they
     # differ by the last batch's update only (use trainer.sync_batchnorm to make them global).
     # Gradual(every=1) over 4 epochs on test_resnet (6 groups): layer4 unfreezes at epoch 1,

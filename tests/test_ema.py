@@ -120,3 +120,51 @@ def test_swa_is_the_mean_of_the_epoch_end_weights_from_start_epoch(tmp_path):
     assert swa.n_averaged == 2
     for k in _float_params(swa.average):
         assert torch.allclose(swa.average[k], (ends[1][k] + ends[2][k]) / 2, atol=1e-6), k
+
+
+def test_ema_before_start_step_is_the_live_model_and_averaging_starts_from_the_weights_there(tmp_path):
+    # 4 steps per epoch; averaging starts after step 4, so the first validation (after step 4)
+    # must see the live weights, and the second an EMA that began at the step-4 weights: the
+    # fit-start weights must play no part.
+    L.seed_everything(0)
+    model = tiny_model(**SGD)
+    ema, spy = EMA(decay=0.5, warmup=False, start_step=4), Spy()
+    start = _model_tensors(model)
+    trainer(tmp_path, max_epochs=2, callbacks=[ema, spy]).fit(model, tiny_data())
+    assert ema.n_averaged == 4
+    assert _same(spy.validated[0], spy.live[0])  # step 4: not averaging yet, validated the live model
+
+    class Steps(L.Callback):  # live weights after every step of a second, identical run
+        def __init__(self):
+            self.after = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.after.append(_model_tensors(module))
+
+    L.seed_everything(0)
+    steps = Steps()
+    trainer(tmp_path / "again", max_epochs=2, callbacks=[steps]).fit(tiny_model(**SGD), tiny_data())
+    assert _same(steps.after[3], spy.live[0])  # the two runs train identically
+    expected = {k: v.clone() for k, v in steps.after[3].items()}  # the average starts at step 4's weights
+    for live in steps.after[4:]:
+        for k, v in expected.items():
+            if v.is_floating_point():
+                v.lerp_(live[k], 0.5)
+            else:
+                v.copy_(live[k])
+    params = _float_params(expected)
+    assert all(torch.equal(spy.validated[1][k], params[k]) for k in params)
+    assert not torch.equal(expected["model.fc.weight"], start["model.fc.weight"])
+
+
+def test_resuming_before_ema_start_step_starts_quietly_from_the_live_weights(recwarn):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    ema = EMA(start_step=100)
+    fitting = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING))
+    ema.on_load_checkpoint(fitting, None, {"callbacks": {"EMA": {"n_averaged": 0, "last_step": 0}}})
+    assert ema.average is None and not [w for w in recwarn if "averaging state" in str(w.message)]
+    ema.on_load_checkpoint(fitting, None, {"callbacks": {}})  # an EMA added to a run that had none
+    assert [w for w in recwarn if "averaging state" in str(w.message)]

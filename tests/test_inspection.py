@@ -19,10 +19,11 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-from lit_ft.callbacks import ConfusionLogger, ThroughputLogger
-from lit_ft.callbacks import throughput as throughput_module
+from lit_ft.callbacks import ConfusionLogger, throughput_monitor
 from lit_ft.callbacks.figures import confusion_matrix_figure, figure_to_array, image_grid_figure, unnormalize
+from lit_ft.callbacks.plan_monitor import layer_group_lrs
 from lit_ft.callbacks.run_record import flatten_config
+from lit_ft.callbacks.throughput import TAG as THROUGHPUT_TAG
 from lit_ft.cli import main
 from tests.test_cli import TINY
 
@@ -46,7 +47,7 @@ def run(tmp_path_factory):
             cli = main(
                 ["fit", *TINY, "--trainer.max_epochs", str(EPOCHS), "--data.difficulty", "random",
                  "--data.train_size", "64", "--data.val_size", "48", "--data.test_size", "16",
-                 "--test_after_fit", "true", "--confusion.misclassified", "6"],
+                 "--test_after_fit", "true", "--confusion.misclassified", "6", "--throughput.window_size", "3"],
                 return_cli=True,
             )
     finally:
@@ -77,8 +78,15 @@ def test_scalars_cover_losses_metrics_lrs_trainable_params_and_throughput(run):
     tags = set(run.acc.Tags()["scalars"])
     groups = [g.name for g in run.cli.model.groups]
     assert {f"lr/{g}" for g in groups} | {"trainable_params", "train/loss", "val/loss", "val/acc"} <= tags
-    rates = [e.value for e in run.acc.Scalars("throughput/images_per_sec")]
-    assert rates and all(r > 0 for r in rates)
+    assert not any(t.startswith("lr/") and t.endswith("/no_decay") for t in tags)  # one curve per layer group
+    # Lightning's ThroughputMonitor: images/s over the last 3 batches, from the 3rd batch on
+    # (log_every_n_steps 2 in TINY: odd logger steps), consistent with its own counters.
+    rates = {e.step: e.value for e in run.acc.Scalars(THROUGHPUT_TAG)}
+    assert sorted(rates) == [3, 5, 7] and all(r > 0 for r in rates.values())
+    samples = {e.step: e.value for e in run.acc.Scalars("train/samples")}
+    seconds = {e.step: e.value for e in run.acc.Scalars("train/time")}
+    for step, rate in rates.items():
+        assert rate == pytest.approx((samples[step] - samples[step - 2]) / (seconds[step] - seconds[step - 2]), rel=1e-4)
 
 
 def test_config_text_is_the_resolved_config(run):
@@ -132,7 +140,7 @@ def test_each_inspection_callback_can_be_switched_off_from_the_command_line():
                return_cli=True)
     acc = _events(Path(cli.trainer.log_dir))
     assert acc.Tags()["images"] == []
-    assert "throughput/images_per_sec" not in acc.Tags()["scalars"]
+    assert not any(t.startswith("train/") and "sec" in t for t in acc.Tags()["scalars"])
     assert "val/acc" in acc.Tags()["scalars"]
 
 
@@ -145,22 +153,18 @@ def test_inspection_options_are_in_the_printed_config(capsys):
 
 
 # ---------------------------------------------------------------------------- units
-def _fake_trainer(tmp_path, reduced: list):
-    def reduce(t, reduce_op):
-        reduced.append(reduce_op)
-        return t
-
+def _fake_trainer(tmp_path):
     return SimpleNamespace(
         sanity_checking=False, current_epoch=0, global_step=7, is_global_zero=True, datamodule=None,
-        loggers=[TensorBoardLogger(str(tmp_path), name="", version="")], strategy=SimpleNamespace(reduce=reduce),
+        loggers=[TensorBoardLogger(str(tmp_path), name="", version="")],
     )
 
 
 def test_confusion_counts_and_most_confident_mistakes(tmp_path):
     cb = ConfusionLogger(misclassified=2)
-    reduced: list = []
-    trainer = _fake_trainer(tmp_path, reduced)
-    module = SimpleNamespace(class_names=["a", "b", "c"], data_config={"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    trainer = _fake_trainer(tmp_path)
+    module = SimpleNamespace(class_names=["a", "b", "c"], num_classes=3, device=torch.device("cpu"),
+                             data_config={"mean": (0.5,) * 3, "std": (0.5,) * 3})
     cb.on_validation_epoch_start(trainer, module)
     # batch 1: truths 0,1,2,0 ; predictions 0,2,2,1 with confidences from the logits
     logits1 = torch.tensor([[5.0, 0, 0], [0, 1, 2], [0, 0, 3], [0, 9, 0]])
@@ -175,12 +179,11 @@ def test_confusion_counts_and_most_confident_mistakes(tmp_path):
     expected = torch.zeros(3, 3, dtype=torch.long)
     for t, p in [(0, 0), (1, 2), (2, 2), (0, 1), (1, 0), (2, 2)]:
         expected[t, p] += 1
-    assert torch.equal(cb._cm, expected)
     images, true, pred, score = cb._worst
     assert true.tolist() == [0, 1] and pred.tolist() == [1, 2]  # the two most confident of the 3 mistakes
     assert images[:, 0, 0, 0].tolist() == [3.0, 1.0]
     cb.on_validation_epoch_end(trainer, module)
-    assert reduced == ["sum"]  # summed over ranks before drawing
+    assert torch.equal(cb.matrix, expected)  # [true, pred] counts (summed over ranks: tests/test_budget.py)
     trainer.loggers[0].experiment.flush()
     acc = _events(Path(trainer.loggers[0].log_dir))
     assert set(acc.Tags()["images"]) == {"val/confusion_matrix", "val/misclassified"}
@@ -189,31 +192,41 @@ def test_confusion_counts_and_most_confident_mistakes(tmp_path):
 
 def test_sanity_check_and_runs_without_tensorboard_are_not_drawn(tmp_path):
     cb = ConfusionLogger()
-    trainer = _fake_trainer(tmp_path, [])
+    trainer = _fake_trainer(tmp_path)
     trainer.sanity_checking = True
-    cb.on_validation_epoch_start(trainer, None)
-    cb.on_validation_batch_end(trainer, None, torch.zeros(2, 3), (torch.zeros(2, 3, 2, 2), torch.zeros(2).long()), 0)
-    assert cb._cm is None
+    module = SimpleNamespace(num_classes=3, device=torch.device("cpu"))
+    cb.on_validation_epoch_start(trainer, module)
+    cb.on_validation_batch_end(trainer, module, torch.zeros(2, 3), (torch.zeros(2, 3, 2, 2), torch.zeros(2).long()), 0)
+    cb.on_validation_epoch_end(trainer, module)
+    assert cb.matrix is None
     trainer.sanity_checking, trainer.loggers = False, []
-    cb.on_validation_epoch_start(trainer, None)
+    cb.on_validation_epoch_start(trainer, module)
     assert not cb._active
 
 
-def test_throughput_is_images_over_the_window_of_batches(monkeypatch):
-    clock = iter([0.0, 1.0, 2.0, 4.0, 8.0])  # batch start, then the ends of four batches
-    monkeypatch.setattr(throughput_module.time, "perf_counter", lambda: next(clock))
-    logged = []
-    module = SimpleNamespace(log=lambda name, value, **kw: logged.append((name, value, kw["prog_bar"])))
-    trainer = SimpleNamespace(log_every_n_steps=2, world_size=1)
-    cb = ThroughputLogger()
-    cb.on_train_epoch_start(trainer, module)
-    batch = (torch.zeros(8, 3, 2, 2), torch.zeros(8))
-    cb.on_train_batch_start(trainer, module, batch, 0)
-    for i in range(4):
-        cb.on_train_batch_end(trainer, module, None, batch, i)
-    # windows of 2 batches: 8/1, 16/2, 16/3, 16/6 images per second
-    assert [v for _, v, _ in logged] == pytest.approx([8.0, 8.0, 16 / 3, 16 / 6])
-    assert all(name == "throughput/images_per_sec" and bar for name, _, bar in logged)
+def test_throughput_monitor_is_lightnings_and_can_be_switched_off():
+    from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+
+    from lit_ft.callbacks.throughput import batch_size
+    from lit_ft.errors import UserError
+
+    assert isinstance(throughput_monitor(), ThroughputMonitor)
+    off = throughput_monitor(enabled=False)
+    assert type(off) is Callback  # no hook of its own: nothing measured, nothing logged
+    with pytest.raises(UserError, match="window_size must be >= 2"):
+        throughput_monitor(window_size=1)
+    assert batch_size((torch.zeros(8, 3, 2, 2), torch.zeros(8))) == 8
+    assert batch_size(({"image": torch.zeros(5, 3)}, torch.zeros(5))) == 5
+
+
+def test_one_lr_per_layer_group_from_the_named_param_groups():
+    groups = [
+        {"name": "stem", "layer_group": 0, "lr": 0.1},
+        {"name": "stem/no_decay", "layer_group": 0, "lr": 0.1},
+        {"name": "head/no_decay", "layer_group": 1, "lr": 0.4},  # a group with only no-decay params
+        {"lr": 0.7},
+    ]
+    assert layer_group_lrs(groups) == {"stem": 0.1, "head": 0.4, "pg3": 0.7}
 
 
 def test_flatten_config_keeps_experiment_values_and_short_class_names():

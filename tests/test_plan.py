@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lit_ft.errors import UserError
 from lit_ft.plan import TrainingPlan, check_distributed, steps_per_epoch
-from lit_ft.schedules import LPFT, FreezeUnfreeze, Full, Gradual, Surgical
+from lit_ft.schedules import LPFT, Full, Gradual, Surgical
 
 NAMES = ["stem", "a", "b", "head"]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lit_ft.callbacks.throughput import TAG as THROUGHPUT_TAG
 from lit_ft.cli import main
 from tests.test_cli import TINY
 
@@ -86,7 +87,8 @@ def tensorboard(tmp_path):
 
 def test_tensorboard_serves_scalars_images_text_and_hparams_of_a_run(tensorboard):
     cli = main(["fit", *TINY, "--trainer.max_epochs", "2", "--data.train_size", "32", "--data.val_size", "32",
-                "--data.difficulty", "random", "--trainer.log_every_n_steps", "1"], return_cli=True)
+                "--data.difficulty", "random", "--trainer.log_every_n_steps", "1", "--throughput.window_size", "2"],
+               return_cli=True)
     groups = [g.name for g in cli.model.groups]
     base = tensorboard(Path("runs"))
     run = "default/version_0"
@@ -96,7 +98,7 @@ def test_tensorboard_serves_scalars_images_text_and_hparams_of_a_run(tensorboard
 
     scalars = _json(base, "/data/plugin/scalars/tags")[run]
     expected = {f"lr/{g}" for g in groups} | {
-        "trainable_params", "train/loss", "val/loss", "val/acc", "val/f1", "throughput/images_per_sec", "hp/val/acc",
+        "trainable_params", "train/loss", "val/loss", "val/acc", "val/f1", THROUGHPUT_TAG, "budget/images_seen", "hp/val/acc",
     }
     assert expected <= set(scalars), sorted(scalars)
     series = _json(base, "/data/plugin/scalars/scalars?" + urllib.parse.urlencode({"run": run, "tag": f"lr/{groups[0]}"}))

@@ -1,4 +1,5 @@
-"""Checkpoint files that survive crashes, and a check that a checkpoint fits the model.
+"""Checkpoint files that survive crashes, a ``last.ckpt`` that is the latest epoch, and a check
+that a checkpoint fits the model.
 
 Lightning's ``TorchCheckpointIO`` serialises to memory and then writes through an fsspec
 transaction whose temporary file lives in the system temp folder; committing it is a
@@ -73,35 +74,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from err
 
 
-class LastEpochCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is always the latest epoch, as before Lightning 2.6.
+# ModelCheckpoint settings of the file that is always the latest epoch (see last_epoch_checkpoint).
+LAST_EPOCH_CHECKPOINT = {
+    "filename": ModelCheckpoint.CHECKPOINT_NAME_LAST,
+    "monitor": None,
+    "save_top_k": 1,
+    "every_n_epochs": 1,
+    "enable_version_counter": False,
+}
 
-    Since 2.6 ``save_last=True`` copies only what was just saved as a top-k checkpoint, so with
-    ``save_top_k=1`` ``last.ckpt`` is the *best* epoch, and resuming from it (or a crash) loses
-    every epoch since the metric last improved. Here ``last.ckpt`` is also written at every
-    validation end (train epoch end without validation). Same options as ``ModelCheckpoint``, and
-    the same ``state_key``, so checkpoints of either load into the other.
+
+def last_epoch_checkpoint(dirpath: Optional[PathLike] = None) -> ModelCheckpoint:
+    """A stock ``ModelCheckpoint`` that keeps ``last.ckpt`` = the latest epoch.
+
+    Needed next to the "best" one because since Lightning 2.6 ``save_last=True`` copies only
+    what was just saved as a top-k checkpoint, so with ``save_top_k=1`` ``last.ckpt`` would be
+    the *best* epoch and resuming from it (or after a crash) loses every epoch since the
+    metric last improved. No monitor, one file named ``last``, overwritten in place (no
+    ``last-v1.ckpt``) through the trainer's CheckpointIO, so writes stay atomic.
+    The CLI registers the same settings as its ``last_checkpoint`` section.
     """
-
-    @property
-    def state_key(self) -> str:
-        key = super().state_key
-        return "ModelCheckpoint" + key[len(type(self).__qualname__) :]
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_latest(trainer)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_latest(trainer)
-
-    def _save_latest(self, trainer: L.Trainer) -> None:
-        # Skipped when the parent already saved at this step (it then wrote last.ckpt too).
-        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    return ModelCheckpoint(dirpath=dirpath, **LAST_EPOCH_CHECKPOINT)
 
 
 def use_atomic_checkpoints(trainer: L.Trainer) -> None:
@@ -134,10 +127,13 @@ def save_last_checkpoint(trainer: L.Trainer) -> Path:
 
 def describe_last_good(trainer: L.Trainer) -> str:
     """A sentence naming the newest checkpoint on disk of this run, for messages."""
-    cb = trainer.checkpoint_callback
-    paths = []
-    if isinstance(cb, ModelCheckpoint):
-        paths = [p for p in (cb.last_model_path, cb.best_model_path) if p and os.path.isfile(p)]
+    paths = [
+        p
+        for cb in trainer.checkpoint_callbacks
+        if isinstance(cb, ModelCheckpoint)
+        for p in (cb.last_model_path, cb.best_model_path)
+        if p and os.path.isfile(p)
+    ]
     if not paths:
         return "no checkpoint was written before that"
     newest = max(paths, key=os.path.getmtime)

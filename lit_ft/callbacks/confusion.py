@@ -1,4 +1,13 @@
-"""What the model gets wrong on validation: confusion matrix and most confident mistakes."""
+"""What the model gets wrong on validation: confusion matrix and most confident mistakes.
+
+Owns the ``val/confusion_matrix`` and ``val/misclassified`` TensorBoard images. The counting
+and its sum over processes are torchmetrics' ``MulticlassConfusionMatrix``; the figure is ours
+(:func:`lit_ft.callbacks.figures.confusion_matrix_figure`) because torchmetrics' ``plot``
+(1.9) draws every tick label and cell count at fixed font sizes on a fixed 6.4x4.8 in figure:
+fine for 10 classes, an unreadable blur of overlapping names and numbers at 30 (ours grows
+with the class count, shades by the fraction of the true class and drops unreadable labels).
+Reads only the validation batch and ``validation_step``'s output, never the module's state.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lit_ft.callbacks.figures import (
     class_name,
@@ -25,10 +35,10 @@ from lit_ft.callbacks.figures import (
 class ConfusionLogger(Callback):
     """Log the validation confusion matrix and the most confident mistakes as TensorBoard images.
 
-    Per validation batch it adds a ``bincount`` to a ``(C, C)`` tensor and keeps the
-    ``misclassified`` most confident wrong predictions seen so far (a top-k over at most
-    ``2 * misclassified`` candidates), all on the model's device and without a host sync. At
-    the end of the epoch the matrix is summed over ranks and rank zero renders:
+    Per validation batch it updates a torchmetrics ``MulticlassConfusionMatrix`` (on the
+    model's device, no host sync) and keeps the ``misclassified`` most confident wrong
+    predictions seen so far (a top-k over at most ``2 * misclassified`` candidates). At the end
+    of the epoch the matrix is computed, which sums it over processes, and rank zero renders:
 
     * ``val/confusion_matrix``: true class (rows) x predicted class (columns), class names on
       the axes, colour = fraction of the true class, cells = counts;
@@ -55,7 +65,8 @@ class ConfusionLogger(Callback):
         self.misclassified = misclassified
         self.normalize = normalize
         self._active = False
-        self._cm: Optional[torch.Tensor] = None  # (C, C) counts, cm[true, pred]
+        self._metric: Optional[MulticlassConfusionMatrix] = None
+        self.matrix: Optional[torch.Tensor] = None  # (C, C) counts of the last drawn epoch, [true, pred]
         self._worst: Optional[tuple[torch.Tensor, ...]] = None  # (images, true, pred, prob)
 
     # ------------------------------------------------------------------ accumulate
@@ -68,8 +79,17 @@ class ConfusionLogger(Callback):
             and has_tensorboard(trainer)
             and trainer.current_epoch % self.every_n_epochs == 0
         )
-        self._cm = None
         self._worst = None
+        if self._active:
+            # Made here, on every rank alike: a rank without validation batches must still take
+            # part in the epoch-end sum. The class count comes from the logits if the module has none.
+            n = getattr(pl_module, "num_classes", None)
+            self._metric = self._new_metric(int(n), pl_module.device) if n else None
+
+    @staticmethod
+    def _new_metric(num_classes: int, device: torch.device) -> MulticlassConfusionMatrix:
+        # validate_args=False: the checks would sync with the host at every batch; inputs are argmax indices.
+        return MulticlassConfusionMatrix(num_classes, validate_args=False).to(device)
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -88,9 +108,9 @@ class ConfusionLogger(Callback):
         num_classes = logits.shape[-1]
         probs = logits.float().softmax(-1)
         prob, pred = probs.max(-1)  # (B,), (B,)
-        if self._cm is None:
-            self._cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=logits.device)
-        self._cm += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
+        if self._metric is None:
+            self._metric = self._new_metric(num_classes, logits.device)
+        self._metric.update(pred, y)
         if self.misclassified > 0 and x.ndim == 4:  # not for cached features (B, D): no images to show
             self._keep_worst(x.detach(), y, pred, torch.where(pred != y, prob, torch.full_like(prob, -1.0)))
 
@@ -108,12 +128,11 @@ class ConfusionLogger(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._active:
             return
-        if self._cm is None:  # no batches on this rank: still take part in the reduce
-            n = getattr(pl_module, "num_classes", None)
-            if not n:
-                return
-            self._cm = torch.zeros(n, n, dtype=torch.long, device=pl_module.device)
-        cm = trainer.strategy.reduce(self._cm, reduce_op="sum")  # every rank takes part
+        if self._metric is None:  # no class count and no batches: nothing to sum or draw
+            return
+        cm = self._metric.compute()  # summed over processes by torchmetrics; every rank takes part
+        self._metric = None
+        self.matrix = cm.detach().cpu()
         writer = summary_writer(trainer)
         if writer is None:
             return
@@ -138,7 +157,6 @@ class ConfusionLogger(Callback):
                 fig = image_grid_figure(pics, titles, ["tab:red"] * len(titles), ncols=min(8, len(titles)),
                                         suptitle=f"most confident mistakes, epoch {trainer.current_epoch}")
                 writer.add_image("val/misclassified", figure_to_array(fig), step, dataformats="HWC")
-        self._cm = None
         self._worst = None
 
 

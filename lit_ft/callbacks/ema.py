@@ -98,6 +98,14 @@ class WeightAverage(L.Callback):
         self.n_averaged += 1
 
     @torch.no_grad()
+    def follow(self, pl_module: L.LightningModule) -> None:
+        """Make the average equal to the live weights (without counting an update)."""
+        assert self._avg is not None
+        for key, (t, _) in self._tensors(pl_module).items():
+            self._avg[key] = self._avg[key].to(t.device)
+            self._avg[key].copy_(t)
+
+    @torch.no_grad()
     def _swap(self, pl_module: L.LightningModule) -> None:
         assert self._avg is not None
         for key, (t, _) in self._tensors(pl_module).items():
@@ -177,7 +185,8 @@ class WeightAverage(L.Callback):
         state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
         live = state.get("live_state_dict")
         if live is None:
-            rank_zero_warn(f"{type(self).__name__}: the checkpoint has no averaging state; averaging starts afresh from its weights")
+            if int(state.get("n_averaged", 0)) > 0 or not state:  # saved before any update: nothing lost
+                rank_zero_warn(f"{type(self).__name__}: the checkpoint has no averaging state; averaging starts afresh from its weights")
             self._avg, self.n_averaged = None, 0
             return
         tensors = self._tensors(pl_module)
@@ -200,7 +209,9 @@ class EMA(WeightAverage):
         decay: the final decay; the average spans roughly ``1 / (1 - decay)`` updates.
         warmup: ramp the decay up from 0.1 as above.
         every_n_steps: update every this many optimizer steps.
-        start_step: first optimizer step that updates (before it the average tracks the weights).
+        start_step: averaging starts after this many optimizer steps, from the weights at that
+            point; until then the average is the live weights (so validating before it validates
+            the live model, and the fit-start weights never enter the average).
         use_buffers: also average BatchNorm statistics (else copy them).
     """
 
@@ -234,6 +245,11 @@ class EMA(WeightAverage):
     def should_update_after_step(self, trainer: L.Trainer) -> bool:
         step = trainer.global_step  # optimizer steps taken so far
         return step > self.start_step and (step - self.start_step) % self.every_n_steps == 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step <= self.start_step and self._avg is not None:
+            self.follow(pl_module)  # not yet averaging: the average is the live weights
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def update(self, pl_module: L.LightningModule) -> None:
         self._decay_used = self.current_decay()

@@ -9,8 +9,12 @@ step); Lightning catches it and calls ``sys.exit(1)``, again without a checkpoin
 :class:`GracefulInterrupt` turns both into "finish this batch, save, exit non-zero":
 
 * single process: at ``on_train_batch_end`` (the point where Lightning's own step-based
-  checkpoints are taken, so the loop counters restore exactly) it saves ``last.ckpt`` and raises
-  :class:`TrainingInterrupted` (exit status 128 + signal: 143 for SIGTERM, 130 for SIGINT);
+  checkpoints are taken, so the loop counters restore exactly) it saves ``last.ckpt``; it stops
+  only after Lightning has written that step's logged values to the loggers (which happens right
+  after that hook: stopping inside it lost the step's scalars, as the resumed run skips the
+  step), at the next of: Lightning's own SIGTERM stop after the batch, the next batch start,
+  the validation start or the epoch end. The exit status is 128 + signal: 143 for SIGTERM,
+  130 for SIGINT (:class:`TrainingInterrupted`);
 * a signal that lands outside a training batch (validation, DDP, where Lightning stops all ranks
   together at the next batch start) is saved from ``on_exception`` instead;
 * a second Ctrl-C stops at once, without saving; under DDP Ctrl-C is left to Lightning (ranks
@@ -20,7 +24,11 @@ step); Lightning catches it and calls ``sys.exit(1)``, again without a checkpoin
   takes effect after the next training batch.
 
 Resuming (``--ckpt_path last``) continues inside the epoch: the train loader skips the batches
-already trained on (:class:`lit_ft.data.resumable.ResumableDataLoader`).
+already trained on (:class:`lit_ft.data.resumable.ResumableDataLoader`), and TensorBoard gets
+every training step's scalars exactly once over the two runs. One loss remains, Lightning 2.6's:
+a stop in an epoch's last batch or during its validation resumes past that validation (its
+restart fast-forwards a validation that had not finished), so that epoch's ``val/*`` scalars
+and its checkpoint-by-metric decision are missing; the weights are still exact.
 """
 
 from __future__ import annotations
@@ -61,12 +69,13 @@ class GracefulInterrupt(Callback):
         self.enabled = enabled
         self.requested: Optional[int] = None  # the signal number once a stop was asked for
         self.saved_to: Optional[str] = None
+        self._pending: Optional[tuple[int, str]] = None  # (signal, message): saved, stop at the next stop point
         self._previous_sigint: Any = None
         self._steps_here = 0  # training batches finished by this process (not restored ones)
 
     # ------------------------------------------------------------------ signal handling
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.requested, self.saved_to, self._steps_here = None, None, 0
+        self.requested, self.saved_to, self._pending, self._steps_here = None, None, None, 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Installed here, after Lightning registered its SIGTERM handler: Lightning's teardown then
@@ -100,10 +109,27 @@ class GracefulInterrupt(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._steps_here += 1
         signum = self._signal(trainer) if self.enabled else None
-        if signum is None or trainer.world_size > 1:
+        if signum is None or trainer.world_size > 1 or self._pending is not None:
             return
         self._save(trainer)
-        message = self._message(trainer, signum)
+        self._pending = (signum, self._message(trainer, signum))
+
+    # Where a saved run stops: after this step's values reached the loggers, before anything else
+    # is trained, validated or logged. (A SIGTERM mid-epoch is stopped by Lightning first, after
+    # the batch: see on_exception.)
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._stop_if_pending()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_pending()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_pending()
+
+    def _stop_if_pending(self) -> None:
+        if self._pending is None:
+            return
+        (signum, message), self._pending = self._pending, None
         print(f"lit-ft: {message}", file=sys.stderr, flush=True)
         raise TrainingInterrupted(message, signum)
 
@@ -112,6 +138,10 @@ class GracefulInterrupt(Callback):
         if not self.enabled or not isinstance(exception, SIGTERMException):
             return
         exception.code = 128 + int(signal.SIGTERM)  # Lightning's SIGTERMException would exit with 0
+        if self._pending is not None:  # saved at the end of the batch Lightning stopped after
+            (_, message), self._pending = self._pending, None
+            print(f"lit-ft: {message}", file=sys.stderr, flush=True)
+            return
         if self.saved_to is not None:
             return
         if trainer.state.fn == TrainerFn.FITTING and self._steps_here > 0 and not trainer.sanity_checking:

@@ -1,70 +1,29 @@
-"""Training throughput in images per second, in TensorBoard and in the progress bar."""
+"""Training throughput (images per second): Lightning's ``ThroughputMonitor``, configured for lit-ft.
+
+Owns only the configuration (how to count the images of a batch, the averaging window, an
+off switch for the CLI). The measuring and logging are Lightning's; this module must not
+reimplement them. The running totals that a budget needs (images seen over resumes, seconds)
+live in :mod:`lit_ft.callbacks.budget`, because ``ThroughputMonitor`` restarts its counts at
+every fit and does not checkpoint them.
+
+Tags, as ``ThroughputMonitor`` names them (it prefixes the stage and does not let a caller
+rename them): ``train/device/samples_per_sec`` (one process's images per second; with several
+processes also ``train/samples_per_sec``, all of them), plus ``train/time``,
+``train/samples`` and ``train/batches`` of this process since the fit started, and the same
+for ``validate/`` during fit and ``test/`` during test.
+"""
 
 from __future__ import annotations
 
-import time
-from collections import deque
-from typing import Any, Optional
+import warnings
+from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 
-TAG = "throughput/images_per_sec"
+from lit_ft.errors import UserError
 
-
-class ThroughputLogger(Callback):
-    """Log ``throughput/images_per_sec``: training images per second over the last
-    ``log_every_n_steps`` batches (the logging interval), summed over ranks.
-
-    The clock runs from the end of one training batch to the end of the next, so data
-    loading, forward, backward and the optimizer step all count; validation and the gaps
-    between epochs do not. The cost per batch is one ``perf_counter()`` and a ``log`` call.
-
-    Args:
-        enabled: log throughput at all.
-        prog_bar: also show it in the progress bar.
-        window: batches to average over; default the trainer's ``log_every_n_steps``.
-    """
-
-    def __init__(self, enabled: bool = True, prog_bar: bool = True, window: Optional[int] = None) -> None:
-        if window is not None and window < 1:
-            raise ValueError("window must be >= 1")
-        self.enabled = enabled
-        self.prog_bar = prog_bar
-        self.window = window
-        self._last: Optional[float] = None
-        self._samples: deque[tuple[float, int]] = deque()
-
-    def _restart(self) -> None:
-        self._last = None
-        self._samples.clear()
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restart()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restart()  # validation time is not training throughput
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.enabled and self._last is None:
-            self._last = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if not self.enabled or self._last is None:
-            return
-        now = time.perf_counter()
-        self._samples.append((now - self._last, batch_size(batch)))
-        self._last = now
-        window = self.window or max(1, trainer.log_every_n_steps)
-        while len(self._samples) > window:
-            self._samples.popleft()
-        seconds = sum(dt for dt, _ in self._samples)
-        if seconds > 0:
-            rate = sum(n for _, n in self._samples) / seconds * trainer.world_size
-            pl_module.log(TAG, rate, on_step=True, on_epoch=False, prog_bar=self.prog_bar, batch_size=1)
+TAG = "train/device/samples_per_sec"  # the rate a single-process run logs
 
 
 def batch_size(batch: Any) -> int:
@@ -75,3 +34,21 @@ def batch_size(batch: Any) -> int:
     if isinstance(first, dict) and first:
         return batch_size(next(iter(first.values())))
     return len(first) if hasattr(first, "__len__") else 1
+
+
+def throughput_monitor(enabled: bool = True, window_size: int = 20) -> Callback:
+    """Lightning's ``ThroughputMonitor`` counting images with :func:`batch_size`.
+
+    Args:
+        enabled: measure at all (False gives a callback that does nothing).
+        window_size: the rate is averaged over this many most recent batches; nothing is
+            logged until that many batches have run in the fit (must be >= 2).
+    """
+    if not enabled:
+        return Callback()
+    if window_size < 2:  # Lightning's Throughput asserts this deep inside the first training step
+        raise UserError(f"throughput.window_size must be >= 2, got {window_size}", "e.g. --throughput.window_size 20")
+    # Without a `flops_per_batch` on the module ThroughputMonitor warns once per run; lit-ft does
+    # not measure FLOPs (no MFU), so the warning would only be noise.
+    warnings.filterwarnings("ignore", message=".*`ThroughputMonitor`.*flops_per_batch.*")
+    return ThroughputMonitor(batch_size_fn=batch_size, window_size=window_size)

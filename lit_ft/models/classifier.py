@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
@@ -168,9 +167,6 @@ class ImageClassifier(L.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         self.train_acc = MulticlassAccuracy(self.num_classes, average="micro")
         self.plan: Optional[TrainingPlan] = None  # the run's plan, from the run's numbers (on_train_start)
-        self.images_seen = 0  # training images through the loop (checkpointed, so resume counts on)
-        self._fit_started = 0.0
-        self._fit_elapsed_before = 0.0  # training seconds of earlier (resumed-from) runs
 
     # ------------------------------------------------------------------ forward / steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) or cached (B, D) -> (B, num_classes)
@@ -194,9 +190,6 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch  # y: hard labels (B,); train accuracy always uses them
-        # Counted here, not in on_train_batch_end: a callback's checkpoint there runs first. All
-        # ranks' images: under DDP each rank gets an equal share of every step.
-        self.images_seen += int(x.shape[0]) * self.trainer.world_size
         x, targets = self._mix(x, y, batch_idx) if self.mixup is not None else (x, y)
         with contextlib.ExitStack() as hooks:  # e.g. DELTA hooks the feature maps of this pass
             for reg in self.regularizers:
@@ -303,7 +296,6 @@ class ImageClassifier(L.LightningModule):
             self.model.forward_head = torch.compile(self.model.forward_head)
 
     def on_fit_start(self) -> None:
-        self._fit_started = time.perf_counter()
         check_distributed(self.trainer.strategy.model, TrainingPlan(self.freeze).has_phases)
         self.plan_table = self.describe_plan()
         rank_zero_info(self.plan_table)
@@ -336,29 +328,12 @@ class ImageClassifier(L.LightningModule):
         sched = self._planned_lr()
         if sched is not None:
             sched.apply(self.global_step)  # the unfreeze warm-up, also under an epoch-interval schedule
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            self._log_lrs()
 
     def train(self, mode: bool = True) -> "ImageClassifier":
         super().train(mode)
         if mode:
             self.runner.apply_modes()  # model.train() resets every module; frozen groups go back to eval
         return self
-
-    def _log_lrs(self) -> None:
-        seen = set()
-        for g in self.trainer.optimizers[0].param_groups:
-            name = self.groups[g["layer_group"]].name
-            if name not in seen:
-                seen.add(name)
-                self.log(f"lr/{name}", g["lr"], on_step=True, on_epoch=False)
-        self.log("trainable_params", float(B.param_count(self.model, trainable_only=True)), on_step=True, on_epoch=False)
-
-    def on_train_epoch_end(self) -> None:
-        # Budget bookkeeping, read back by benchmarks/experiments.py from the logs.
-        elapsed = self._fit_elapsed_before + time.perf_counter() - self._fit_started
-        self.log("budget/images_seen", float(self.images_seen), on_epoch=True, sync_dist=True, reduce_fx="max")
-        self.log("budget/train_seconds", elapsed, on_epoch=True, sync_dist=True, reduce_fx="max")
 
     def describe_plan(self) -> str:
         """A table of layer groups: params, LR, weight decay, when each group starts training."""
@@ -376,12 +351,9 @@ class ImageClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        elapsed = self._fit_elapsed_before + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
         dm = self._trainer.datamodule if self._trainer is not None else None
         checkpoint["lit_ft"] = {
             "class_names": self.class_names,
-            "images_seen": self.images_seen,
-            "train_seconds": elapsed,
             # The preprocessing the model was trained with: test/predict/export use it by default.
             "data_config": dict(getattr(dm, "resolved_data_config", None) or self.data_config,
                                 grayscale_to_rgb=getattr(dm, "grayscale_to_rgb", True)),
@@ -397,8 +369,6 @@ class ImageClassifier(L.LightningModule):
                 f"(e.g. {missing[0]}); they keep the values captured when this model was built"
             )
         state = checkpoint.get("lit_ft", {})
-        self.images_seen = int(state.get("images_seen", 0))
-        self._fit_elapsed_before = float(state.get("train_seconds", 0.0))
         if state.get("data_config"):
             self.data_config = {k: v for k, v in state["data_config"].items() if k != "grayscale_to_rgb"}
 
