@@ -1,8 +1,11 @@
-"""timm glue: create a backbone with a fresh head, its data config, and its layer groups.
+"""timm glue: create a backbone with a fresh head, its data config, and its layer groups
+(the parameters and the modules each group owns).
 
 Everything here goes through timm's own contracts (``group_matcher``,
 ``get_classifier``/``reset_classifier``, ``pretrained_cfg``, ``resolve_data_config``) so
-it works for any timm model, not a hand-picked few.
+it works for any timm model, not a hand-picked few. It describes the model; it never
+changes ``requires_grad`` or train/eval modes (:mod:`lit_ft.freezing` does) and knows
+nothing of optimizers, plans or Lightning.
 """
 
 from __future__ import annotations
@@ -138,11 +141,21 @@ def data_config(model: nn.Module) -> dict:
 
 @dataclass
 class LayerGroup:
-    """A named, ordered slice of the model: stem ... head."""
+    """A named, ordered slice of the model: stem ... head.
+
+    Attributes:
+        name: ``stem``, ``layer2``, ``blocks.3``, ..., ``head``.
+        param_names: the parameters of the group (each parameter is in exactly one group).
+        module_names: the modules that own those parameters directly.
+        modules: every module the group owns, by :func:`module_owners`' rule, including the
+            parameterless ones (Dropout, DropPath, BatchNorm without affine weights): freezing
+            the group puts all of them in eval mode.
+    """
 
     name: str
     param_names: list[str] = field(default_factory=list)
     module_names: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
 
     def num_params(self, model: nn.Module) -> int:
         params = dict(model.named_parameters())
@@ -190,7 +203,69 @@ def layer_groups(model: nn.Module, granularity: Granularity = "coarse") -> list[
     assert len(set(names)) == len(names), f"duplicate group names {names}"
     for g in groups:
         g.module_names = _modules_of(model, g.param_names)
+    for g, owned in zip(groups, module_owners(model, groups)):
+        g.modules = owned
     return groups
+
+
+def module_owners(model: nn.Module, groups: list[LayerGroup]) -> list[list[str]]:
+    """The modules each group owns (names in model order), so that freezing a group can put
+    *every* module with train/eval behaviour in it in eval mode, not only those that own
+    parameters.
+
+    The rule, applied top-down:
+
+    * a module whose parameters (its own and its descendants') are all in one group belongs to
+      that group;
+    * a parameterless module (Dropout, DropPath, PatchDropout, pooling, BatchNorm with
+      ``affine=False``) belongs to the group of its parent;
+    * a module whose parameters span several groups (the model itself, a ``blocks`` list, a
+      stage split into fine groups) belongs to none and follows the model's mode; a
+      parameterless child of such a module belongs with the *next* sibling that has
+      parameters (the first group of that sibling, in parameter order), since it transforms
+      that sibling's input; after the last one, with the previous sibling (last group). So
+      ViT's ``pos_drop`` goes with ``blocks.0``, its ``head_drop`` and a CNN's
+      ``global_pool`` with ``head``.
+
+    timm puts train-dependent behaviour in leaf modules or in blocks that sit inside one group;
+    the one exception is the classifier dropout that ResNet/EfficientNet apply functionally
+    with the model's own ``training`` flag: it belongs to the head, which is what following
+    the model's mode gives it. Asserted: every leaf module has exactly one owner, and no
+    module object is owned twice.
+    """
+    params = dict(model.named_parameters())
+    gid = {id(params[n]): i for i, g in enumerate(groups) for n in g.param_names}
+    owned: list[list[str]] = [[] for _ in groups]
+    owner_of: dict[int, int] = {}  # id(module) -> group
+
+    def group_ids(module: nn.Module) -> list[int]:
+        return [gid[id(p)] for p in module.parameters()]
+
+    def visit(name: str, module: nn.Module, ids: list[int], inherited: int | None) -> None:
+        distinct = set(ids)
+        owner = ids[0] if len(distinct) == 1 else (inherited if not distinct else None)
+        if owner is not None:
+            assert owner_of.get(id(module), owner) == owner, f"module {name} is shared by two layer groups"
+            owner_of[id(module)] = owner
+            owned[owner].append(name)
+        children = list(module.named_children())
+        child_ids = [group_ids(child) for _, child in children]
+        for k, (child_name, child) in enumerate(children):
+            if owner is not None:
+                inherit = owner
+            elif child_ids[k]:
+                inherit = None  # decides by its own parameters
+            else:
+                after = next((c[0] for c in child_ids[k + 1 :] if c), None)
+                before = next((c[-1] for c in reversed(child_ids[:k]) if c), None)
+                inherit = after if after is not None else before if before is not None else (ids[0] if ids else None)
+            visit(f"{name}.{child_name}" if name else child_name, child, child_ids[k], inherit)
+
+    visit("", model, group_ids(model), None)
+    for name, module in model.named_modules():
+        if next(module.children(), None) is None:  # a leaf
+            assert id(module) in owner_of, f"leaf module {name or type(module).__name__} is in no layer group"
+    return owned
 
 
 def _classifier_prefix(model: nn.Module) -> str | None:
@@ -285,15 +360,17 @@ def resolve_group(ref: str | int, names: list[str]) -> int:
     )
 
 
+def tracks_running_stats(module: nn.Module) -> bool:
+    """True for a normalization layer that updates running statistics in train mode
+    (BatchNorm of any flavour, with or without affine weights; InstanceNorm with
+    ``track_running_stats``; timm's BatchNormAct/EvoNorm-B): judged by its buffers, not its type."""
+    return any(name in ("running_mean", "running_var") for name, _ in module.named_buffers(recurse=False))
+
+
 def bn_modules(model: nn.Module, group: LayerGroup) -> list[nn.Module]:
-    """Normalization layers with running statistics whose parameters are in ``group``."""
+    """Normalization layers with running statistics owned by ``group`` (see :func:`module_owners`)."""
     mods = dict(model.named_modules())
-    out = []
-    for name in group.module_names:
-        m = mods.get(name)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            out.append(m)
-    return out
+    return [mods[name] for name in group.modules if tracks_running_stats(mods[name])]
 
 
 def param_count(model: nn.Module, trainable_only: bool = False) -> int:

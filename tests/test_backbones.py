@@ -66,3 +66,63 @@ def test_data_config_comes_from_pretrained_cfg():
     assert cfg["input_size"] == (3, 224, 224)
     assert cfg["interpolation"] == "bicubic"
     assert cfg["mean"] == pytest.approx((0.485, 0.456, 0.406))
+
+
+# --------------------------------------------------------------------------- module ownership (train/eval modes)
+
+MODE_FAMILIES = ["test_resnet", "test_efficientnet", "test_vit", "resnet10t", "test_convnext", "test_vit_relpos", "mobilenetv3_small_050"]
+
+
+def _acts_differently_in_train_mode(module) -> bool:
+    """Tracks running statistics, overrides ``train``, or reads ``self.training`` in a forward method."""
+    import inspect
+
+    import torch.nn as nn
+
+    if B.tracks_running_stats(module) or type(module).train is not nn.Module.train:
+        return True
+    for klass in type(module).__mro__:
+        if klass in (nn.Module, object):
+            continue
+        for attr, fn in vars(klass).items():
+            if attr.lstrip("_").startswith("forward") and callable(fn):
+                try:
+                    if "self.training" in inspect.getsource(fn):
+                        return True
+                except (OSError, TypeError):
+                    continue
+    return False
+
+
+@pytest.mark.parametrize("name", MODE_FAMILIES)
+@pytest.mark.parametrize("granularity", ["coarse", "fine"])
+def test_every_module_with_train_eval_behaviour_is_in_exactly_one_group(name, granularity):
+    from collections import Counter
+
+    model = timm.create_model(name, num_classes=5, drop_rate=0.1, drop_path_rate=0.1)
+    groups = B.layer_groups(model, granularity)
+    owners = Counter(m for g in groups for m in g.modules)
+    assert max(owners.values()) == 1
+    group_of = {n: i for i, g in enumerate(groups) for n in g.param_names}
+    behaving = [n for n, m in model.named_modules() if n and _acts_differently_in_train_mode(m)]
+    assert len(behaving) >= 5, behaving  # Dropout, DropPath, BatchNorm, attention, ... exist
+    for n in behaving:
+        assert owners[n] == 1, f"{name}: {n} ({type(model.get_submodule(n)).__name__}) is in no layer group"
+    # The model itself aside (its functional head dropout follows the model's mode, i.e. the
+    # head's), a module is in no group only if its parameters span several groups.
+    for n, m in model.named_modules():
+        if owners[n] == 0:
+            spans = {group_of[f"{n}.{p}" if n else p] for p, _ in m.named_parameters()}
+            assert len(spans) > 1, f"{name}: {n} is in no group but all its parameters are in one"
+
+
+def test_parameterless_modules_go_with_the_module_they_feed():
+    names = lambda groups, g: next(x.modules for x in groups if x.name == g)  # noqa: E731
+    vit = B.layer_groups(timm.create_model("test_vit", num_classes=5, drop_rate=0.1))
+    assert {"pos_drop", "patch_drop", "norm_pre"} <= set(names(vit, "blocks.0"))
+    assert {"head_drop", "head"} <= set(names(vit, "head"))
+    resnet = B.layer_groups(timm.create_model("resnet10t", num_classes=5))
+    assert {"global_pool", "fc"} <= set(names(resnet, "head"))
+    assert "maxpool" in names(resnet, "layer1")
+    convnext = B.layer_groups(timm.create_model("test_convnext", num_classes=5, drop_rate=0.1))
+    assert {"head.drop", "head.fc"} <= set(names(convnext, "head"))
