@@ -279,9 +279,11 @@ def _classifier_prefix(model: nn.Module) -> str | None:
 
 
 def _groups_from_matcher(model: nn.Module, body: list[str], matcher: dict) -> list[LayerGroup]:
-    from timm.models._manipulate import group_with_matcher
-
-    ordered = group_with_matcher([(n, n) for n in body], matcher)  # {group_id: [names]}, stem first
+    # timm's public grouping covers every parameter, the classifier included; the classifier's
+    # parameters sort last or merge into a group, so dropping them leaves the body's groups
+    # and their order exactly as grouping the body alone would.
+    ordered = timm.models.group_parameters(model, matcher)  # {group_id: [names]}, stem first
+    in_body = set(body)
     specs: list[tuple[str, str]] = []  # (matcher key, regex) in priority order
     for key, spec in matcher.items():
         if isinstance(spec, str):
@@ -290,7 +292,9 @@ def _groups_from_matcher(model: nn.Module, body: list[str], matcher: dict) -> li
             specs.extend((key, s[0]) for s in spec)
     groups: list[LayerGroup] = []
     for names in ordered.values():
-        members = set(names)
+        members = set(names) & in_body
+        if not members:  # the classifier's own group
+            continue
         names = [n for n in body if n in members]  # keep model order
         groups.append(LayerGroup(_matched_name(names[0], specs) or _common_name(names), names))
     return _dedupe_names(groups)
