@@ -100,6 +100,40 @@ def create_backbone(
     return model
 
 
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Turn on timm's activation checkpointing, always non-reentrant.
+
+    Reentrant checkpointing (torch's old default, timm's before 1.0.13, and still chosen by
+    ``TIMM_REENTRANT_CKPT=1``) gives a checkpointed segment's output ``requires_grad`` only if
+    one of its *inputs* requires grad: behind a frozen stem the input does not, so the
+    trainable blocks inside the segment silently get no gradient at all. The non-reentrant
+    variant tracks the parameters inside the segment and gives the same gradients as no
+    checkpointing. Since timm 1.0.16 every model checkpoints through timm's wrapper
+    (``timm.models.checkpoint``/``checkpoint_seq``), which reads one process-wide switch,
+    ``timm.layers.use_reentrant_ckpt()``, at each call (1.0.13-1.0.15 left a few families,
+    e.g. Swin V2 and PVT v2, on torch's reentrant default): this sets it to non-reentrant,
+    and says so when the environment had asked for reentrant.
+
+    Raises:
+        UserError: the model has no gradient checkpointing.
+    """
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    name = type(model).__name__
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise UserError(f"{name} does not support gradient checkpointing", "set grad_checkpointing: false")
+    try:
+        model.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError) as err:  # timm asserts in models without it
+        raise UserError(f"{name} does not support gradient checkpointing ({err})", "set grad_checkpointing: false") from err
+    if use_reentrant_ckpt():
+        log.warning(
+            "lit-ft: switching timm to non-reentrant activation checkpointing (TIMM_REENTRANT_CKPT asked for "
+            "reentrant, which gives trainable blocks behind frozen layers no gradient); this is process-wide"
+        )
+        set_reentrant_ckpt(False)
+
+
 def init_head(model: nn.Module, how: HeadInit) -> None:
     """Re-initialise the classifier (timm's ``get_classifier``): ``zeros`` or ``normal`` (std 0.01).
 
