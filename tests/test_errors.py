@@ -97,6 +97,32 @@ def test_unknown_key_in_a_config_file_is_named_with_the_closest_valid_key(tmp_pa
     assert "unknown config key 'model.drop_rat'" in err and "did you mean model.drop_rate," in err
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "model:\n  backbone: test_resnet\n\tdrop_rate: 0.1\n",
+            ["line 3, column 1: found a tab character that violates indentation (while scanning a plain scalar at line 2, column 13)",
+             "line 3: '\\tdrop_rate: 0.1'", "HINT: YAML indents with spaces only: replace the tab(s) in line 3 with spaces"],
+        ),
+        (
+            "model:\n  backbone: test_resnet\n  drop_rate: [0.1\n",
+            ["line 4, column 1: did not find expected ',' or ']' (while parsing a flow sequence at line 3, column 14)",
+             "line 3: '  drop_rate: [0.1'", "HINT: fix the YAML syntax near line 4"],
+        ),
+    ],
+    ids=["tab", "unclosed-list"],
+)
+def test_a_yaml_syntax_error_names_the_file_line_column_and_problem(tmp_path, text, expected, capsys):
+    cfg = tmp_path / "configs" / "exp.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text(text)
+    err = fails(["fit", "--config", "configs/exp.yaml", *SYNTH], capsys)  # relative to the cwd (tmp_path)
+    assert f"lit-ft: error: config file {cfg}, " in err
+    for part in expected:
+        assert part in err
+
+
 # --------------------------------------------------------------------------- data
 
 
