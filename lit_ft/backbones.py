@@ -11,8 +11,9 @@ nothing of optimizers, plans or Lightning.
 from __future__ import annotations
 
 import difflib
-import re
+import fnmatch
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -409,6 +410,23 @@ def bn_modules(model: nn.Module, group: LayerGroup) -> list[nn.Module]:
     """Normalization layers with running statistics owned by ``group`` (see :func:`module_owners`)."""
     mods = dict(model.named_modules())
     return [mods[name] for name in group.modules if tracks_running_stats(mods[name])]
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that take no weight decay, by timm's own rule.
+
+    The model's ``no_weight_decay()`` (timm's contract: full parameter names or ``fnmatch``
+    patterns such as ViT's ``cls_token``/``pos_embed``/``reg_token``, XCiT's ``pos_embed.*``)
+    plus every 1-d parameter and every ``.bias`` (norm weights, biases): the same split as
+    ``timm.optim.param_groups_weight_decay`` with the model's list, so no family's token or
+    embedding names have to be known here.
+    """
+    patterns = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    return {
+        name
+        for name, p in model.named_parameters()
+        if p.ndim <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, pat) for pat in patterns)
+    }
 
 
 def param_count(model: nn.Module, trainable_only: bool = False) -> int:

@@ -126,3 +126,38 @@ def test_parameterless_modules_go_with_the_module_they_feed():
     assert "maxpool" in names(resnet, "layer1")
     convnext = B.layer_groups(timm.create_model("test_convnext", num_classes=5, drop_rate=0.1))
     assert {"head.drop", "head.fc"} <= set(names(convnext, "head"))
+
+
+# --------------------------------------------------------------------------- weight decay
+
+
+def test_vit_tokens_and_embeddings_take_no_weight_decay_from_the_models_own_list():
+    model = timm.create_model("test_vit", num_classes=5)
+    names = B.no_weight_decay_names(model)
+    params = dict(model.named_parameters())
+    assert {"cls_token", "pos_embed"} <= names and params["pos_embed"].ndim == 3  # only the model's list says so
+    assert {"blocks.0.attn.qkv.bias", "blocks.0.norm1.weight", "norm.weight", "head.bias"} <= names
+    assert not {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "head.weight"} & names
+
+
+def test_a_cnn_without_a_no_weight_decay_list_exempts_its_1d_parameters_only():
+    model = timm.create_model("test_resnet", num_classes=5)
+    assert not hasattr(model, "no_weight_decay")
+    names = B.no_weight_decay_names(model)
+    params = dict(model.named_parameters())
+    assert names == {n for n, p in params.items() if p.ndim == 1}
+    assert {"bn1.weight", "fc.bias"} <= names and "fc.weight" not in names and "conv1.0.weight" not in names
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_resnet", "test_convnext", "xcit_nano_12_p16_224", "test_vit_relpos"])
+def test_no_weight_decay_split_is_timms_own(name):
+    import torch
+    from timm.optim import param_groups_weight_decay
+
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=5)
+    ours = B.no_weight_decay_names(model)
+    no_decay, _ = param_groups_weight_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay() if hasattr(model, "no_weight_decay") else ())
+    assert no_decay["weight_decay"] == 0.0
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    assert ours == {by_id[id(p)] for p in no_decay["params"]}
