@@ -218,13 +218,17 @@ def layer_groups(model: nn.Module, granularity: Granularity = "coarse") -> list[
     if hasattr(model, "group_matcher"):
         try:
             matcher = model.group_matcher(coarse=(granularity == "coarse"))
-        except NotImplementedError:
+        except (NotImplementedError, AssertionError):  # e.g. RDNet asserts it has no coarse grouping
             matcher = None
     if matcher:
         groups = _groups_from_matcher(model, body, matcher)
     else:
         groups = _groups_from_children(body)
     groups = [g for g in groups if g.param_names]
+    for g in groups:
+        if g.name == "head":  # body layers inside the classifier's module (its norm, a pre-logits MLP)
+            g.name = "head." + _common_name([n.split(".", 1)[-1] for n in g.param_names])
+    groups = _dedupe_names(groups)
     groups.append(LayerGroup("head", head))
 
     # Invariant: every parameter in exactly one group.
@@ -320,7 +324,7 @@ def _groups_from_matcher(model: nn.Module, body: list[str], matcher: dict) -> li
     ordered = timm.models.group_parameters(model, matcher)  # {group_id: [names]}, stem first
     in_body = set(body)
     specs: list[tuple[str, str]] = []  # (matcher key, regex) in priority order
-    for key, spec in matcher.items():
+    for key, spec in matcher.items() if isinstance(matcher, dict) else ():  # a callable matcher names nothing
         if isinstance(spec, str):
             specs.append((key, spec))
         elif spec:

@@ -4,7 +4,7 @@ import timm
 from lit_ft import backbones as B
 from lit_ft.errors import UserError
 
-FAMILIES = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit", "regnetx_002", "mobilenetv3_small_050"]
+FAMILIES = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit", "regnetx_002", "mobilenetv3_small_050", "test_mambaout"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -161,3 +161,11 @@ def test_no_weight_decay_split_is_timms_own(name):
     assert no_decay["weight_decay"] == 0.0
     by_id = {id(p): n for n, p in model.named_parameters()}
     assert ours == {by_id[id(p)] for p in no_decay["params"]}
+
+
+def test_layers_inside_the_classifier_module_are_a_group_of_their_own():
+    # MambaOut/CoAtNet/MetaFormer heads hold a norm and a pre-logits MLP besides the classifier.
+    groups = B.layer_groups(timm.create_model("test_mambaout", num_classes=5))
+    assert [g.name for g in groups[-2:]] == ["head.norm+pre_logits", "head"]
+    assert all(n.startswith(("head.norm.", "head.pre_logits.")) for n in groups[-2].param_names)
+    assert groups[-1].param_names == ["head.fc.weight", "head.fc.bias"]
