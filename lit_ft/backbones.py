@@ -1,15 +1,19 @@
-"""timm glue: create a backbone with a fresh head, its data config, and its layer groups.
+"""timm glue: create a backbone with a fresh head, its data config, and its layer groups
+(the parameters and the modules each group owns).
 
 Everything here goes through timm's own contracts (``group_matcher``,
 ``get_classifier``/``reset_classifier``, ``pretrained_cfg``, ``resolve_data_config``) so
-it works for any timm model, not a hand-picked few.
+it works for any timm model, not a hand-picked few. It describes the model; it never
+changes ``requires_grad`` or train/eval modes (:mod:`lit_ft.freezing` does) and knows
+nothing of optimizers, plans or Lightning.
 """
 
 from __future__ import annotations
 
 import difflib
-import re
+import fnmatch
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -97,6 +101,40 @@ def create_backbone(
     return model
 
 
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Turn on timm's activation checkpointing, always non-reentrant.
+
+    Reentrant checkpointing (torch's old default, timm's before 1.0.13, and still chosen by
+    ``TIMM_REENTRANT_CKPT=1``) gives a checkpointed segment's output ``requires_grad`` only if
+    one of its *inputs* requires grad: behind a frozen stem the input does not, so the
+    trainable blocks inside the segment silently get no gradient at all. The non-reentrant
+    variant tracks the parameters inside the segment and gives the same gradients as no
+    checkpointing. Since timm 1.0.16 every model checkpoints through timm's wrapper
+    (``timm.models.checkpoint``/``checkpoint_seq``), which reads one process-wide switch,
+    ``timm.layers.use_reentrant_ckpt()``, at each call (1.0.13-1.0.15 left a few families,
+    e.g. Swin V2 and PVT v2, on torch's reentrant default): this sets it to non-reentrant,
+    and says so when the environment had asked for reentrant.
+
+    Raises:
+        UserError: the model has no gradient checkpointing.
+    """
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    name = type(model).__name__
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise UserError(f"{name} does not support gradient checkpointing", "set grad_checkpointing: false")
+    try:
+        model.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError) as err:  # timm asserts in models without it
+        raise UserError(f"{name} does not support gradient checkpointing ({err})", "set grad_checkpointing: false") from err
+    if use_reentrant_ckpt():
+        log.warning(
+            "lit-ft: switching timm to non-reentrant activation checkpointing (TIMM_REENTRANT_CKPT asked for "
+            "reentrant, which gives trainable blocks behind frozen layers no gradient); this is process-wide"
+        )
+        set_reentrant_ckpt(False)
+
+
 def init_head(model: nn.Module, how: HeadInit) -> None:
     """Re-initialise the classifier (timm's ``get_classifier``): ``zeros`` or ``normal`` (std 0.01).
 
@@ -138,11 +176,21 @@ def data_config(model: nn.Module) -> dict:
 
 @dataclass
 class LayerGroup:
-    """A named, ordered slice of the model: stem ... head."""
+    """A named, ordered slice of the model: stem ... head.
+
+    Attributes:
+        name: ``stem``, ``layer2``, ``blocks.3``, ..., ``head``.
+        param_names: the parameters of the group (each parameter is in exactly one group).
+        module_names: the modules that own those parameters directly.
+        modules: every module the group owns, by :func:`module_owners`' rule, including the
+            parameterless ones (Dropout, DropPath, BatchNorm without affine weights): freezing
+            the group puts all of them in eval mode.
+    """
 
     name: str
     param_names: list[str] = field(default_factory=list)
     module_names: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
 
     def num_params(self, model: nn.Module) -> int:
         params = dict(model.named_parameters())
@@ -170,13 +218,17 @@ def layer_groups(model: nn.Module, granularity: Granularity = "coarse") -> list[
     if hasattr(model, "group_matcher"):
         try:
             matcher = model.group_matcher(coarse=(granularity == "coarse"))
-        except NotImplementedError:
+        except (NotImplementedError, AssertionError):  # e.g. RDNet asserts it has no coarse grouping
             matcher = None
     if matcher:
         groups = _groups_from_matcher(model, body, matcher)
     else:
         groups = _groups_from_children(body)
     groups = [g for g in groups if g.param_names]
+    for g in groups:
+        if g.name == "head":  # body layers inside the classifier's module (its norm, a pre-logits MLP)
+            g.name = "head." + _common_name([n.split(".", 1)[-1] for n in g.param_names])
+    groups = _dedupe_names(groups)
     groups.append(LayerGroup("head", head))
 
     # Invariant: every parameter in exactly one group.
@@ -190,7 +242,69 @@ def layer_groups(model: nn.Module, granularity: Granularity = "coarse") -> list[
     assert len(set(names)) == len(names), f"duplicate group names {names}"
     for g in groups:
         g.module_names = _modules_of(model, g.param_names)
+    for g, owned in zip(groups, module_owners(model, groups)):
+        g.modules = owned
     return groups
+
+
+def module_owners(model: nn.Module, groups: list[LayerGroup]) -> list[list[str]]:
+    """The modules each group owns (names in model order), so that freezing a group can put
+    *every* module with train/eval behaviour in it in eval mode, not only those that own
+    parameters.
+
+    The rule, applied top-down:
+
+    * a module whose parameters (its own and its descendants') are all in one group belongs to
+      that group;
+    * a parameterless module (Dropout, DropPath, PatchDropout, pooling, BatchNorm with
+      ``affine=False``) belongs to the group of its parent;
+    * a module whose parameters span several groups (the model itself, a ``blocks`` list, a
+      stage split into fine groups) belongs to none and follows the model's mode; a
+      parameterless child of such a module belongs with the *next* sibling that has
+      parameters (the first group of that sibling, in parameter order), since it transforms
+      that sibling's input; after the last one, with the previous sibling (last group). So
+      ViT's ``pos_drop`` goes with ``blocks.0``, its ``head_drop`` and a CNN's
+      ``global_pool`` with ``head``.
+
+    timm puts train-dependent behaviour in leaf modules or in blocks that sit inside one group;
+    the one exception is the classifier dropout that ResNet/EfficientNet apply functionally
+    with the model's own ``training`` flag: it belongs to the head, which is what following
+    the model's mode gives it. Asserted: every leaf module has exactly one owner, and no
+    module object is owned twice.
+    """
+    params = dict(model.named_parameters())
+    gid = {id(params[n]): i for i, g in enumerate(groups) for n in g.param_names}
+    owned: list[list[str]] = [[] for _ in groups]
+    owner_of: dict[int, int] = {}  # id(module) -> group
+
+    def group_ids(module: nn.Module) -> list[int]:
+        return [gid[id(p)] for p in module.parameters()]
+
+    def visit(name: str, module: nn.Module, ids: list[int], inherited: int | None) -> None:
+        distinct = set(ids)
+        owner = ids[0] if len(distinct) == 1 else (inherited if not distinct else None)
+        if owner is not None:
+            assert owner_of.get(id(module), owner) == owner, f"module {name} is shared by two layer groups"
+            owner_of[id(module)] = owner
+            owned[owner].append(name)
+        children = list(module.named_children())
+        child_ids = [group_ids(child) for _, child in children]
+        for k, (child_name, child) in enumerate(children):
+            if owner is not None:
+                inherit = owner
+            elif child_ids[k]:
+                inherit = None  # decides by its own parameters
+            else:
+                after = next((c[0] for c in child_ids[k + 1 :] if c), None)
+                before = next((c[-1] for c in reversed(child_ids[:k]) if c), None)
+                inherit = after if after is not None else before if before is not None else (ids[0] if ids else None)
+            visit(f"{name}.{child_name}" if name else child_name, child, child_ids[k], inherit)
+
+    visit("", model, group_ids(model), None)
+    for name, module in model.named_modules():
+        if next(module.children(), None) is None:  # a leaf
+            assert id(module) in owner_of, f"leaf module {name or type(module).__name__} is in no layer group"
+    return owned
 
 
 def _classifier_prefix(model: nn.Module) -> str | None:
@@ -204,18 +318,22 @@ def _classifier_prefix(model: nn.Module) -> str | None:
 
 
 def _groups_from_matcher(model: nn.Module, body: list[str], matcher: dict) -> list[LayerGroup]:
-    from timm.models._manipulate import group_with_matcher
-
-    ordered = group_with_matcher([(n, n) for n in body], matcher)  # {group_id: [names]}, stem first
+    # timm's public grouping covers every parameter, the classifier included; the classifier's
+    # parameters sort last or merge into a group, so dropping them leaves the body's groups
+    # and their order exactly as grouping the body alone would.
+    ordered = timm.models.group_parameters(model, matcher)  # {group_id: [names]}, stem first
+    in_body = set(body)
     specs: list[tuple[str, str]] = []  # (matcher key, regex) in priority order
-    for key, spec in matcher.items():
+    for key, spec in matcher.items() if isinstance(matcher, dict) else ():  # a callable matcher names nothing
         if isinstance(spec, str):
             specs.append((key, spec))
         elif spec:
             specs.extend((key, s[0]) for s in spec)
     groups: list[LayerGroup] = []
     for names in ordered.values():
-        members = set(names)
+        members = set(names) & in_body
+        if not members:  # the classifier's own group
+            continue
         names = [n for n in body if n in members]  # keep model order
         groups.append(LayerGroup(_matched_name(names[0], specs) or _common_name(names), names))
     return _dedupe_names(groups)
@@ -285,15 +403,34 @@ def resolve_group(ref: str | int, names: list[str]) -> int:
     )
 
 
+def tracks_running_stats(module: nn.Module) -> bool:
+    """True for a normalization layer that updates running statistics in train mode
+    (BatchNorm of any flavour, with or without affine weights; InstanceNorm with
+    ``track_running_stats``; timm's BatchNormAct/EvoNorm-B): judged by its buffers, not its type."""
+    return any(name in ("running_mean", "running_var") for name, _ in module.named_buffers(recurse=False))
+
+
 def bn_modules(model: nn.Module, group: LayerGroup) -> list[nn.Module]:
-    """Normalization layers with running statistics whose parameters are in ``group``."""
+    """Normalization layers with running statistics owned by ``group`` (see :func:`module_owners`)."""
     mods = dict(model.named_modules())
-    out = []
-    for name in group.module_names:
-        m = mods.get(name)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            out.append(m)
-    return out
+    return [mods[name] for name in group.modules if tracks_running_stats(mods[name])]
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that take no weight decay, by timm's own rule.
+
+    The model's ``no_weight_decay()`` (timm's contract: full parameter names or ``fnmatch``
+    patterns such as ViT's ``cls_token``/``pos_embed``/``reg_token``, XCiT's ``pos_embed.*``)
+    plus every 1-d parameter and every ``.bias`` (norm weights, biases): the same split as
+    ``timm.optim.param_groups_weight_decay`` with the model's list, so no family's token or
+    embedding names have to be known here.
+    """
+    patterns = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    return {
+        name
+        for name, p in model.named_parameters()
+        if p.ndim <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, pat) for pat in patterns)
+    }
 
 
 def param_count(model: nn.Module, trainable_only: bool = False) -> int:

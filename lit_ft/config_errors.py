@@ -3,7 +3,10 @@
 jsonargparse reports an unknown option or a value of the wrong type with the full usage text
 (a hundred lines for ``lit-ft fit``) followed by a nested dump of every union member it tried.
 :func:`explain_parse_error` keeps the useful part: which key, what was expected, what was given,
-and the closest valid names (difflib).
+and the closest valid names (difflib). A YAML syntax error becomes the file, line, column,
+PyYAML's problem and the offending line (:func:`install_yaml_file_names` makes jsonargparse's
+YAML loader name the file). This module only reads error texts and the parser's option names;
+it never changes how a valid config parses.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 import re
 from typing import Any, Iterable, Optional
 
@@ -44,6 +48,10 @@ def explain_parse_error(message: str, parser: Any = None, subcommand: Optional[s
     if m:
         key = m.group(1)
         return UserError(f"unknown config key {key!r}", _suggest(key, _keys(parser), "") + _lr(key) + help_hint)
+
+    m = re.search(r"Problems parsing config(?: '[^']*')?: (.*)", message, re.S)
+    if m:
+        return _explain_yaml(m.group(1))
 
     m = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
     if m:
@@ -92,6 +100,95 @@ def _explain_value(key: str, detail: str, help_hint: str) -> UserError:
 
     lines = [ln.strip(" -") for ln in detail.splitlines() if ln.strip(" -")]
     return UserError(f"invalid value for {key}: {lines[0] if lines else detail}", help_hint)
+
+
+# --------------------------------------------------------------------------- YAML syntax
+
+_MARK = re.compile(r'^\s*in "([^"]*)", line (\d+), column (\d+)')
+
+
+def _explain_yaml(detail: str) -> UserError:
+    """``config.yaml, line 3, column 1: found a tab character ...`` from a PyYAML error text.
+
+    PyYAML's message is ``[context]\\n  in "<file>", line L, column C\\n<problem>\\n  in ...``;
+    jsonargparse keeps it but used to lose it here (only its first line was shown), and it
+    parses the file's *text*, so the file reads ``<unicode string>`` unless
+    :func:`install_yaml_file_names` is in effect.
+    """
+    texts: list[tuple[str, Optional[tuple[str, int, int]]]] = []  # (text, its mark)
+    for line in detail.strip().splitlines():
+        mark = _MARK.match(line)
+        if mark and texts and texts[-1][1] is None:
+            texts[-1] = (texts[-1][0], (mark.group(1), int(mark.group(2)), int(mark.group(3))))
+        elif line.strip() and not mark:
+            texts.append((line.strip().rstrip(":"), None))
+    located = [(t, m) for t, m in texts if m is not None]
+    if not located:
+        first = texts[0][0] if texts else detail.strip()
+        return UserError(f"invalid config: {first}", "fix the YAML syntax of the config file")
+    problem, (name, line, column) = located[-1]
+    where = "config" if name.startswith("<") else f"config file {name}"
+    context, lines = "", [line]
+    if len(located) > 1:
+        ctext, (_, cline, ccol) = located[0]
+        context = f" ({ctext} at line {cline}, column {ccol})"
+        lines.append(cline)  # a problem found at the end of the file started here
+    shown = next((f"; line {n}: {text!r}" for n in lines if (text := _source_line(name, n)) is not None), "")
+    if "tab" in problem:
+        hint = f"YAML indents with spaces only: replace the tab(s) in line {line} with spaces"
+    else:
+        hint = (
+            f"fix the YAML syntax near line {line}: consistent indentation, one `key: value` per line, "
+            "quotes around values that contain ': ' or ' #'"
+        )
+    return UserError(f"{where}, line {line}, column {column}: {problem}{context}{shown}", hint)
+
+
+def _source_line(name: str, line: int) -> Optional[str]:
+    try:
+        with open(name, encoding="utf-8", errors="replace") as f:
+            for i, text in enumerate(f, start=1):
+                if i == line:
+                    return text.rstrip("\r\n")
+    except OSError:
+        return None
+    return None
+
+
+def install_yaml_file_names() -> None:
+    """Make YAML syntax errors in config files name the file.
+
+    jsonargparse reads a ``--config`` file and hands its text to the YAML loader, so PyYAML's
+    marks say ``<unicode string>``. jsonargparse passes the file's path to a loader that
+    accepts a ``path`` argument (its public ``set_loader``): this wraps the current YAML loader
+    in one that puts the path into the error's marks and changes nothing else. Process-wide
+    (jsonargparse has one loader per mode), run when this module is imported; idempotent.
+    """
+    from jsonargparse import get_loader, set_loader
+    import yaml
+
+    previous = get_loader("yaml")
+    if getattr(previous, "_names_the_file", False):
+        return
+
+    def load_naming_the_file(stream: str, path: Any = "") -> Any:
+        try:
+            return previous(stream)
+        except yaml.MarkedYAMLError as err:
+            if path:
+                # jsonargparse passes the file's base name and runs this inside the file's folder.
+                name = os.path.abspath(str(path)) if os.path.isfile(str(path)) else str(path)
+                for attr in ("context_mark", "problem_mark"):  # the C loader's marks are read-only
+                    m = getattr(err, attr, None)
+                    if m is not None:
+                        setattr(err, attr, yaml.error.Mark(name, m.index, m.line, m.column, None, None))
+            raise
+
+    load_naming_the_file._names_the_file = True  # type: ignore[attr-defined]
+    set_loader("yaml", load_naming_the_file, (yaml.YAMLError,))
+
+
+install_yaml_file_names()
 
 
 # --------------------------------------------------------------------------- helpers

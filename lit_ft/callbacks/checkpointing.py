@@ -26,6 +26,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lit_ft import weights as W
 from lit_ft.errors import UserError
 
 PathLike = Union[str, Path]
@@ -187,13 +188,14 @@ def check_checkpoint_fits(path: PathLike, model: torch.nn.Module) -> None:
 
 
 def _load(path: PathLike) -> Any:
-    try:
-        try:  # mmap: checking shapes must not read a multi-GB file into memory
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) format cannot be mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a checkpoint with ``weights_only=True``, naming what the file is if it is not one."""
+    W.check_checkpoint_file(path)
+    try:  # mmap: checking shapes must not read a multi-GB file into memory
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         raise refuse_code_pickle(path, err) from err
+    except RuntimeError:  # legacy (non-zip) format cannot be mapped
+        return W.torch_load(path, what="checkpoint")
 
 
 def refuse_code_pickle(path: PathLike, err: BaseException) -> UserError:
