@@ -59,6 +59,7 @@ from lit_ft.config_errors import explain_parse_error
 from lit_ft.data import BaseImageDataModule
 from lit_ft.errors import UserError
 from lit_ft.models import ImageClassifier
+from lit_ft.weights import check_checkpoint_file
 
 CKPT_ALIASES = ("best", "last")
 # The data options a checkpoint's preprocessing fills in for validate/test/predict and resume.
@@ -215,6 +216,7 @@ class LitFTCLI(LightningCLI):
             raise UserError(f"checkpoint not found: {ckpt}", "pass an existing .ckpt path, or `best`/`last`")
         if sub and cfg.get("weights_only") is None:
             cfg["weights_only"] = True  # a checkpoint from elsewhere must not run code when loaded
+        check_checkpoint_file(ckpt)  # an HTML page, a git-lfs pointer, ...: say what it is
         try:
             checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as err:

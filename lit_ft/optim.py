@@ -23,16 +23,10 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lightning.pytorch.cli import LRSchedulerCallable
 
-from lit_ft.backbones import LayerGroup, resolve_group
+from lit_ft.backbones import LayerGroup, no_weight_decay_names, resolve_group
 from lit_ft.errors import UserError
 
 NO_DECAY_SUFFIX = "/no_decay"
-
-
-def is_no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norm weights, and other 1-d parameters (plus tokens/embeddings) skip weight decay."""
-    leaf = name.rsplit(".", 1)[-1]
-    return param.ndim <= 1 or leaf in {"cls_token", "pos_embed", "dist_token", "reg_token"}
 
 
 def group_lr_scales(
@@ -80,9 +74,13 @@ def build_param_groups(
     groups: Sequence[LayerGroup],
     scales: Sequence[float],
     split_no_decay: bool = True,
-    no_decay: Callable[[str, nn.Parameter], bool] = is_no_decay,
+    no_decay: Optional[set[str]] = None,
 ) -> list[dict]:
     """One optimizer param group per (layer group x decay/no-decay), each named and scaled.
+
+    ``no_decay``: the parameter names without weight decay; default the model's own
+    (:func:`lit_ft.backbones.no_weight_decay_names`: its ``no_weight_decay()`` tokens,
+    biases and norm weights).
 
     Each dict has ``params``, ``name``, ``layer_group`` (index), ``lr_scale``; no-decay groups
     also carry ``weight_decay=0``. Empty groups are left out. Every trainable-or-not
@@ -90,10 +88,11 @@ def build_param_groups(
     toggles ``requires_grad``; groups are never added mid-run.
     """
     params = dict(model.named_parameters())
+    skip = (no_weight_decay_names(model) if no_decay is None else no_decay) if split_no_decay else set()
     out: list[dict] = []
     for i, (group, scale) in enumerate(zip(groups, scales, strict=True)):
-        decay = [params[n] for n in group.param_names if not (split_no_decay and no_decay(n, params[n]))]
-        plain = [params[n] for n in group.param_names if split_no_decay and no_decay(n, params[n])]
+        decay = [params[n] for n in group.param_names if n not in skip]
+        plain = [params[n] for n in group.param_names if n in skip]
         if decay:
             out.append({"params": decay, "name": group.name, "layer_group": i, "lr_scale": scale})
         if plain:
@@ -120,7 +119,6 @@ def build_optimizer(
     layer_decay: Optional[float] = None,
     lr_range: Optional[tuple[float, float]] = None,
     split_no_decay: bool = True,
-    no_decay: Callable[[str, nn.Parameter], bool] = is_no_decay,
 ) -> torch.optim.Optimizer:
     """The run's optimizer: every param group built once, each group's LR scale folded in.
 
@@ -129,7 +127,7 @@ def build_optimizer(
     """
     names = [g.name for g in groups]
     scales = group_lr_scales(names, lr_mult, layer_decay)
-    optimizer = factory(build_param_groups(model, groups, scales, split_no_decay=split_no_decay, no_decay=no_decay))
+    optimizer = factory(build_param_groups(model, groups, scales, split_no_decay=split_no_decay))
     if lr_range is not None:
         spread = lr_range_scales(len(groups), *lr_range, base_lr=optimizer.defaults["lr"])
         for g in optimizer.param_groups:

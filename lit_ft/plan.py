@@ -26,8 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lit_ft.backbones import LayerGroup
 from lit_ft.errors import UserError
-from lit_ft.freezing import set_bn_modes as set_modes  # TRANSITION: freezing.set_modes (frozen dropout) lands with the weights branch
-from lit_ft.freezing import set_trainable
+from lit_ft.freezing import set_modes, set_trainable
 from lit_ft.schedules import FreezeSchedule, warmup_factor
 
 
@@ -129,11 +128,16 @@ class PlanRunner:
         self.applied = None
 
     def apply(self, trainable: frozenset[int]) -> None:
-        """``requires_grad`` for exactly ``trainable``; frozen groups' modules in eval mode."""
+        """``requires_grad`` for exactly ``trainable``; frozen groups' modules in eval mode.
+
+        Modes are set only when the trainable set changes: between changes only
+        ``model.train()`` resets them, and :meth:`apply_modes` runs after it (Lightning
+        restores each module's own mode after validation).
+        """
         if trainable != self.applied:
             set_trainable(self.model, self.groups, trainable, self.schedule.train_bn)
             self.applied = trainable
-        self.apply_modes()
+            self.apply_modes()
 
     def apply_modes(self) -> None:
         """Re-apply module modes (after every ``model.train()``, which resets them)."""

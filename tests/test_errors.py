@@ -228,12 +228,6 @@ def test_weights_that_are_not_weights_are_named_for_what_they_are(tmp_path, kind
     assert "arbitrary code" not in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lit_ft/cli.py LitFTCLI._parse_ckpt_path torch.loads --ckpt_path before checkpointing._load sees it; "
-    "it needs `lit_ft.weights.check_checkpoint_file(ckpt)` before that torch.load (lead's file). Remove this "
-    "marker then.",
-)
 @pytest.mark.parametrize("kind", ["html", "git-lfs", "text", "empty", "truncated-zip", "zip", "safetensors"])
 def test_a_ckpt_path_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, kind, capsys):
     content, expected = BAD_FILES.get(kind) or (safetensors_bytes(), "is a safetensors file: weights only, no training state")

@@ -2,7 +2,7 @@
 
 Dropout, DropPath, timm's attention/patch dropout and BatchNorm (with or without affine
 weights) of frozen groups go to eval mode; trainable groups keep following the model's mode.
-Pure functions on plain timm models, plus the path the classifier takes (``apply_freeze``).
+Pure functions on plain timm models, plus the path the classifier takes (its plan runner).
 """
 
 from __future__ import annotations
@@ -68,10 +68,12 @@ def test_a_frozen_backbone_is_a_fixed_function_in_train_mode(name):
 
 
 def test_the_classifier_path_freezes_dropout_and_drop_path_too():
-    # ImageClassifier.apply_freeze/train call set_bn_modes: the alias must cover every module.
+    # The classifier's hooks apply the plan through its PlanRunner, and model.train() re-applies it.
+    from lit_ft.plan import TrainingPlan
+
     torch.manual_seed(0)
     model = tiny_model("test_vit", drop_rate=0.3, drop_path_rate=0.3, freeze=LinearProbe())
-    model.apply_freeze()
+    model.runner.apply(TrainingPlan(model.freeze).trainable(0, 0))
     model.train()
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model.features(x), model.features(x))

@@ -130,9 +130,7 @@ class ImageClassifier(L.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         if grad_checkpointing:
-            if not hasattr(self.model, "set_grad_checkpointing"):
-                raise UserError(f"{backbone} does not support gradient checkpointing", "set grad_checkpointing: false")
-            self.model.set_grad_checkpointing(True)
+            B.enable_grad_checkpointing(self.model)
         if cache_views < 0:
             raise UserError(f"cache_views must be >= 0, got {cache_views}", "0 = deterministic inputs only")
         self.feature_cache = FeatureCache(feature_cache_dir, cache_views) if cache_features else None

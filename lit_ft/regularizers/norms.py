@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from lit_ft.optim import is_no_decay
+from lit_ft.backbones import no_weight_decay_names
 from lit_ft.regularizers.base import GroupRef, Regularizer, StepOutputs, check_nonnegative, group_indices, group_params, sum_or_zero
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,9 +24,8 @@ class _NormPenalty(Regularizer):
 
     def bind(self, module: "ImageClassifier") -> None:
         indices = group_indices(module, self.groups, range(len(module.groups)))
-        self._names = [
-            n for n, p in group_params(module, indices) if not (self.skip_norm_bias and is_no_decay(n, p))
-        ]
+        skip = no_weight_decay_names(module.model) if self.skip_norm_bias else set()
+        self._names = [n for n, _ in group_params(module, indices) if n not in skip]
 
     def _term(self, p: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
