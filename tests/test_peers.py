@@ -67,6 +67,18 @@ def test_headline_ratio_is_lit_fts_time_to_the_peers_final_accuracy_over_the_pee
     assert "never reached" in S.headline_table(rows, 0.7)
 
 
+def test_findings_say_who_wins_where_and_whether_the_target_is_met():
+    labels = {"lit-ft": "lit-ft", "timm": "timm", "fastai": "fastai"}
+    recs = [record("lit-ft", points=[[100, 1, 0.80], [200, 2, 0.91]]),
+            record("timm", points=[[200, 1, 0.80], [400, 2, 0.90]]),  # lit-ft: 0.90 at ~182 s, 0.45x, ahead at 300 s
+            record("fastai", points=[[100, 1, 0.85], [150, 2, 0.93]])]  # more accurate and sooner: lit-ft never gets there
+    facts = S.findings(recs, "full", labels, budget_s=300, target=0.90, max_ratio=0.7)
+    assert "Most accurate at the end: fastai, 93.0%." in facts
+    assert "First to 90%: fastai, 2.2 min." in facts  # 100 s + 5/8 of 50 s
+    assert facts[-1] == ("Target (lit-ft reaches each peer's final accuracy in <= 0.7x its time and is at least as "
+                         "accurate at 5 min): met against timm; not met against fastai.")
+
+
 def test_headline_pairs_runs_by_seed():
     lit = [record("lit-ft", seed=0, points=[[100, 1, 0.9]]), record("lit-ft", seed=1, points=[[300, 1, 0.9]])]
     peer = [record("timm", seed=0, points=[[200, 1, 0.9]]), record("timm", seed=1, points=[[300, 1, 0.9]])]
@@ -247,3 +259,9 @@ def test_smoke_run_of_the_installed_peers_writes_consistent_records_and_report(t
     assert (out / "peers_accuracy_vs_time.png").is_file()
     R.main(["--smoke", "--out", str(out), "--report-only"])
     assert (out / "BENCHMARKS.md").read_text() == md
+
+
+def test_report_only_without_records_writes_nothing(tmp_path, capsys):
+    R.main(["--out", str(tmp_path), "--report-only"])
+    assert "no runs recorded" in capsys.readouterr().out
+    assert not (tmp_path / "BENCHMARKS.md").exists()

@@ -239,7 +239,9 @@ def write_report(records: list[dict], markdown: Path, plot_path: Path, records_p
     for s, st in settings.items():
         if not any(r["setting"] == s for r in records):
             continue
-        parts.append(f"### {st.name}\n\n{S.setting_table(records, s, labels, budgets[s], st.target)}")
+        facts_s = S.findings(records, s, labels, budgets[s], st.target, MAX_RATIO)
+        parts.append(f"### {st.name}\n\n" + "\n".join(f"- {x}" for x in facts_s)
+                     + f"\n\n{S.setting_table(records, s, labels, budgets[s], st.target)}")
         if heads[s]:
             parts.append(S.headline_table(heads[s], MAX_RATIO))
     parts.append(f"README row: {S.readme_row(heads, {s: st.name for s, st in settings.items()}, MAX_RATIO)}")
@@ -299,8 +301,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                 continue
             records = S.upsert(records, record)
             S.save_records(records_path, records)
-    if not records:
-        print("[peers] no runs recorded yet")
+    if not records:  # nothing to report: leave the markdown file alone rather than write an empty section
+        print(f"[peers] no runs recorded in {records_path}; nothing written"
+              + "".join(f"\n[peers] skipped {PEERS[p].label}: {why}" for p, why in skipped.items()))
+        return
     print(write_report(records, markdown, plot_path, records_path, args.smoke, skipped))
 
 

@@ -167,6 +167,40 @@ def headline(records: list[dict], setting: str, peers: dict[str, str], budget_s:
     return out
 
 
+def findings(records: list[dict], setting: str, peers: dict[str, str], budget_s: float, target: float,
+             max_ratio: float) -> list[str]:
+    """Plain statements computed from the runs of one setting (means over seeds)."""
+    runs = {p: rs for p, rs in by_peer(records, setting).items() if p in peers}
+    if not runs:
+        return []
+    out = []
+    finals = {p: statistics.mean(final(r)[1] for r in rs) for p, rs in runs.items()}
+    best = max(finals, key=finals.get)
+    out.append(f"Most accurate at the end: {peers[best]}, {finals[best] * 100:.1f}%.")
+    times = {p: [time_to(r["points"], target) for r in rs] for p, rs in runs.items()}
+    reached = {p: statistics.mean(ts) for p, ts in times.items() if all(t is not None for t in ts)}
+    if reached:
+        first = min(reached, key=reached.get)
+        out.append(f"First to {target * 100:g}%: {peers[first]}, {reached[first] / 60:.1f} min"
+                   + (f"; never reached by {', '.join(peers[p] for p in runs if p not in reached)}" if len(reached) < len(runs) else "")
+                   + ".")
+    else:
+        out.append(f"No tool reached {target * 100:g}%.")
+    at = {p: [acc_at(r["points"], budget_s) for r in rs] for p, rs in runs.items()}
+    at = {p: statistics.mean(a) for p, a in at.items() if all(x is not None for x in a)}
+    if at:
+        top = max(at, key=at.get)
+        out.append(f"Most accurate at {budget_s / 60:g} min: {peers[top]}, {at[top] * 100:.1f}%.")
+    heads = headline(records, setting, peers, budget_s)
+    if heads and LIT_FT in runs:
+        met = [h["label"] for h in heads if h["ratio"] is not None and h["ratio"] <= max_ratio and h["ahead_at_budget"]]
+        missed = [h["label"] for h in heads if h["label"] not in met]
+        out.append(f"Target (lit-ft reaches each peer's final accuracy in <= {max_ratio:g}x its time and is at least as "
+                   f"accurate at {budget_s / 60:g} min): " + (f"met against {', '.join(met)}" if met else "met against none")
+                   + (f"; not met against {', '.join(missed)}" if missed else "") + ".")
+    return out
+
+
 def headline_table(rows: list[dict], max_ratio: float) -> str:
     lines = ["| peer | peer's final acc % | peer's time min | lit-ft's time to it / peer's | target <= "
              f"{max_ratio:g}x | lit-ft at least as accurate at the budget |", "|---|---|---|---|---|---|"]
@@ -203,8 +237,9 @@ def plot(records: list[dict], settings: dict[str, str], peers: dict[str, str], b
     fig, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 4.5), squeeze=False)
     colors = dict(zip(peers, plt.get_cmap("tab10").colors))
     for ax, setting in zip(axes[0], shown):
-        for peer, rs in by_peer(records, setting).items():
-            for i, r in enumerate(rs):
+        runs = by_peer(records, setting)
+        for peer in [p for p in peers if p in runs]:  # the registry's order: same legend in every panel
+            for i, r in enumerate(runs[peer]):
                 xs, ys = [p[0] / 60 for p in r["points"]], [p[2] * 100 for p in r["points"]]
                 ax.plot(xs, ys, color=colors.get(peer, "black"), marker="o", ms=3, lw=1.5 if i == 0 else 0.8,
                         ls="-" if i == 0 else "--", label=peers.get(peer, peer) if i == 0 else None)
