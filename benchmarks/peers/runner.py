@@ -23,6 +23,7 @@ split, the subset and the shuffle, and the same ImageNet weights. Runs are inter
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -116,7 +117,11 @@ def peak_rss_mb(proc: subprocess.Popen, interval: float = 0.5) -> float:
     import psutil
 
     peak = 0
-    root = psutil.Process(proc.pid)
+    try:
+        root = psutil.Process(proc.pid)
+    except psutil.NoSuchProcess:  # it ended before the first sample
+        proc.wait()
+        return 0.0
     while proc.poll() is None:
         total = 0
         try:
@@ -194,10 +199,10 @@ def schedule(peers: list[str], settings: list[str], seeds: list[int]) -> list[tu
 
 
 def write_report(records: list[dict], markdown: Path, plot_path: Path, records_path: Path, smoke: bool,
-                 skipped: dict[str, str]) -> str:
-    """Write the section and the plot from ``records``; the same bytes for the same records, so
-    ``--report-only`` reproduces a committed section exactly."""
-    settings = SMOKE_SETTINGS if smoke else SETTINGS
+                 skipped: dict[str, str], settings: Optional[dict[str, Setting]] = None) -> str:
+    """Write the section and the plot from ``records``; the same bytes for the same records (and
+    budgets), so ``--report-only`` reproduces a committed section exactly."""
+    settings = settings or (SMOKE_SETTINGS if smoke else SETTINGS)
     labels = {p: PEERS[p].label for p in PEERS}
     budgets = {s: st.budget_min * 60 for s, st in settings.items()}
     targets = {s: st.target for s, st in settings.items()}
@@ -210,12 +215,16 @@ def write_report(records: list[dict], markdown: Path, plot_path: Path, records_p
     vers = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in records})
     rel = lambda p: p.relative_to(ROOT) if p.is_relative_to(ROOT) else p  # noqa: E731
 
+    defaults = SMOKE_SETTINGS if smoke else SETTINGS
+    changed = [f"{k}={st.budget_min:g}" for k, st in settings.items() if st.budget_min != defaults[k].budget_min]
+    budget_args = f" --budget {' '.join(changed)}" if changed else ""
+
     def facts(get) -> str:  # the values the records hold, e.g. "2,000" or "64/2,000"
         return "/".join(sorted({f"{get(r):,}" for r in records}, key=lambda v: int(v.replace(",", "")))) or "-"
 
     parts = [
         ("**Smoke run (a few hundred images): checks the machinery, measures nothing.**\n\n" if smoke else "")
-        + f"Command: `python -m benchmarks.peers{' --smoke' if smoke else ''}` (runs what `{rel(records_path)}` does not "
+        + f"Command: `python -m benchmarks.peers{' --smoke' if smoke else ''}{budget_args}` (runs what `{rel(records_path)}` does not "
         "hold yet, one line per run, then writes this section and the plot; `--report-only` only rebuilds them, "
         "`--seeds 0 1` adds a seed).\n\n"
         f"Machine: {'; '.join(machines)}. Versions: {'; '.join(vers)}.",
@@ -257,20 +266,30 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--epochs", nargs="*", default=[], metavar="SETTING=N", help="passes over the training images, e.g. full=3")
+    p.add_argument("--budget", nargs="*", default=[], metavar="SETTING=MIN",
+                   help="the equal wall budget for 'accuracy at the budget', e.g. full=15 (default: full=12 10pct=4)")
     p.add_argument("--smoke", action="store_true", help="a few hundred images, 2 short epochs: checks the machinery")
     p.add_argument("--out", type=Path, help="write records, plot, markdown and runs here (default: docs/, BENCHMARKS.md, runs/peers; "
                    "with --smoke: runs/peers-smoke)")
     p.add_argument("--force", action="store_true", help="re-run runs that are already recorded")
     p.add_argument("--report-only", action="store_true", help="only rebuild the section and the plot from the records")
     args = p.parse_args(argv)
-    settings = SMOKE_SETTINGS if args.smoke else SETTINGS
-    epochs = {s: st.epochs for s, st in settings.items()}
+    settings = dict(SMOKE_SETTINGS if args.smoke else SETTINGS)
     for kv in args.epochs:
         key, _, value = kv.partition("=")
         if key not in settings or not value.isdigit() or int(value) < 2:
             p.error(f"--epochs {kv!r}: write SETTING=N with SETTING in {', '.join(settings)} and N >= 2 "
                     "(the freeze-first peers train the head for one epoch first)")
-        epochs[key] = int(value)
+        settings[key] = dataclasses.replace(settings[key], epochs=int(value))
+    for kv in args.budget:
+        key, _, value = kv.partition("=")
+        try:
+            minutes = float(value)
+        except ValueError:
+            minutes = -1.0
+        if key not in settings or minutes <= 0:
+            p.error(f"--budget {kv!r}: write SETTING=MINUTES with SETTING in {', '.join(settings)}, e.g. full=15")
+        settings[key] = dataclasses.replace(settings[key], budget_min=minutes)
     out = args.out or (ROOT / "runs" / "peers-smoke" if args.smoke else None)
     records_path, plot_path, markdown, work = (
         (out / "peers_runs.jsonl", out / "peers_accuracy_vs_time.png", out / "BENCHMARKS.md", out / "runs") if out
@@ -294,7 +313,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             if (setting, peer, seed) in done and not args.force:
                 print(f"[peers] {peer} {setting} seed {seed}: recorded in {records_path}, not re-run (--force re-runs)")
                 continue
-            record, why = launch(run_spec(peer, setting, seed, args.smoke, epochs[setting], weights), work, args.smoke)
+            record, why = launch(run_spec(peer, setting, seed, args.smoke, settings[setting].epochs, weights), work, args.smoke)
             if record is None:
                 skipped[peer] = f"failed: {why}"
                 print(f"[peers] FAILED {PEERS[peer].label} {setting} seed {seed}: {why}", file=sys.stderr, flush=True)
@@ -305,7 +324,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"[peers] no runs recorded in {records_path}; nothing written"
               + "".join(f"\n[peers] skipped {PEERS[p].label}: {why}" for p, why in skipped.items()))
         return
-    print(write_report(records, markdown, plot_path, records_path, args.smoke, skipped))
+    print(write_report(records, markdown, plot_path, records_path, args.smoke, skipped, settings))
 
 
 if __name__ == "__main__":
