@@ -150,7 +150,6 @@ def write_timm(net: nn.Module, folder: Path, config: dict[str, Any], example: to
 def write_onnx(net: nn.Module, folder: Path, config: dict[str, Any], example: torch.Tensor, opset: int) -> list[Path]:
     """``model.onnx`` from ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript) with a
     symbolic batch dimension, the config as ONNX metadata, checked by ``onnx.checker``."""
-    import onnx
 
     path = folder / ARTEFACT["onnx"]
     batch = torch.export.Dim("batch")
