@@ -239,9 +239,15 @@ def quantize_int8(fp32: Path, out: Path, calibration: torch.Tensor, config: dict
 
     Per-channel int8 weights, uint8 activations with MinMax ranges from ``calibration``
     (training images, preprocessed as for evaluation). The graph is first shape-inferred and
-    optimised (``quant_pre_process``, as ONNX Runtime recommends) so Conv+BN+activation are
-    fused before their ranges are measured.
+    optimised (``quant_pre_process``, as ONNX Runtime recommends). The layer that reads the
+    image stays fp32: one uint8 scale for three normalised channels costs the most accuracy of
+    any single layer, and that layer is a tiny share of the compute. Measured on
+    EfficientNet-Lite0 (ImageNet weights + a Fashion-MNIST linear probe, 64 px, 1,000 test
+    images): top-1 agreement with fp32 91.9% -> 95.6%, accuracy loss 1.6 -> 0.8 points, batch-1
+    latency unchanged (0.6 ms vs 0.5 ms); Percentile/Entropy calibration or 4x the calibration
+    images changed agreement by < 1 point.
     """
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -256,14 +262,19 @@ def quantize_int8(fp32: Path, out: Path, calibration: torch.Tensor, config: dict
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared))
+        graph = onnx.load(str(prepared), load_external_data=False).graph
+        first = [node.name for node in graph.node if INPUT_NAME in node.input]
         quantize_static(
             str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=first,
         )
-    method = (f"ONNX Runtime static QDQ quantization: per-channel int8 weights, uint8 activations, MinMax ranges "
-              f"from {len(calibration)} training images")
-    add_onnx_metadata(out, config, quantization=method)
+    add_onnx_metadata(out, config, quantization=quantization_method(len(calibration)))
     return out
+
+
+def quantization_method(calibration_images: int) -> str:
+    return (f"ONNX Runtime static QDQ quantization: per-channel int8 weights, uint8 activations, MinMax ranges "
+            f"from {calibration_images} training images; the layer reading the image stays fp32")
 
 
 # --------------------------------------------------------------------------- loading artefacts back
@@ -291,13 +302,15 @@ def load_artefact(path: Union[str, Path], threads: Optional[int] = None) -> Runn
         return run_onnx
     if path.suffix == ".pt2":
         module = torch.export.load(str(path)).module()
-        return _torch_runner(module)
+        return torch_runner(module)
     folder = path.parent if path.suffix == ".safetensors" else path
     net = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()
-    return _torch_runner(net)
+    return torch_runner(net)
 
 
-def _torch_runner(module: Callable[[torch.Tensor], torch.Tensor]) -> Runner:
+def torch_runner(module: Callable[[torch.Tensor], torch.Tensor]) -> Runner:
+    """``module`` (e.g. the PyTorch model) as a :data:`Runner`, in inference mode."""
+
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return module(x).float()
@@ -320,11 +333,32 @@ class Check:
     min_agreement: float
     accuracy_pytorch: Optional[float]  # None when the images carry no labels
     accuracy_exported: Optional[float]
-    problem: Optional[str] = None  # why it failed, if it did
+    problem: Optional[str] = None  # why it could not be compared at all, if so
+    max_accuracy_drop: Optional[float] = None  # refuse a larger accuracy loss (int8; labelled images only)
+
+    @property
+    def accuracy_drop(self) -> Optional[float]:
+        if self.accuracy_pytorch is None or self.accuracy_exported is None:
+            return None
+        return self.accuracy_pytorch - self.accuracy_exported
+
+    @property
+    def failure(self) -> Optional[str]:
+        """Why this check fails, or ``None`` when it passes."""
+        if self.problem:
+            return self.problem
+        if self.agreement < self.min_agreement:
+            return (f"top-1 agreement with the PyTorch model {100 * self.agreement:.2f}% < {100 * self.min_agreement:.2f}% "
+                    f"on {self.images} images (max |logit diff| {self.max_abs_diff:.3g})")
+        drop = self.accuracy_drop
+        if self.max_accuracy_drop is not None and drop is not None and drop > self.max_accuracy_drop + 1e-9:
+            return (f"accuracy {100 * self.accuracy_exported:.2f}% vs {100 * self.accuracy_pytorch:.2f}% for PyTorch: "
+                    f"{100 * drop:.2f} points lost > {100 * self.max_accuracy_drop:.2f} on {self.images} images")
+        return None
 
     @property
     def passed(self) -> bool:
-        return self.problem is None and self.agreement >= self.min_agreement
+        return self.failure is None
 
 
 def logits_of(run: Runner, images: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -340,6 +374,7 @@ def verify(
     labels: Optional[torch.Tensor],
     batch_size: int,
     min_agreement: float,
+    max_accuracy_drop: Optional[float] = None,
 ) -> Check:
     """Run ``run`` on every image at batch 1 and at ``batch_size`` and compare with the
     PyTorch ``reference`` logits. A failure to run at either batch size is reported as a
@@ -362,7 +397,8 @@ def verify(
     if not math.isfinite(diff):
         return Check(name, len(images), (1, batch_size), diff, agreement, min_agreement, acc_ref, acc_exp,
                      problem="its logits are not finite")
-    return Check(name, len(images), (1, batch_size), diff, agreement, min_agreement, acc_ref, acc_exp)
+    return Check(name, len(images), (1, batch_size), diff, agreement, min_agreement, acc_ref, acc_exp,
+                 max_accuracy_drop=max_accuracy_drop)
 
 
 def onnx_batch_dim(path: Path) -> Optional[int]:
@@ -429,6 +465,7 @@ class ExportReport:
     opset: Optional[int] = None
     latency_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)  # model -> bytes, beside the latency
+    quantization: Optional[str] = None  # how the int8 model was made
 
     @property
     def passed(self) -> bool:
@@ -450,12 +487,12 @@ class ExportReport:
             lines.append(_table(
                 ["artefact", "max abs logit diff", "top-1 agreement", "accuracy PyTorch", "accuracy exported", "verdict"],
                 [[c.artefact, f"{c.max_abs_diff:.2e}", f"{100 * c.agreement:.2f}% (>= {100 * c.min_agreement:.2f}%)",
-                  _pct(c.accuracy_pytorch), _pct(c.accuracy_exported), "ok" if c.passed else f"FAILED {c.problem or ''}".strip()]
+                  _pct(c.accuracy_pytorch), _pct(c.accuracy_exported), "ok" if c.passed else "FAILED"]
                  for c in self.checks],
             ))
         if self.latency_ms:
             batches = sorted({b for v in self.latency_ms.values() for b in v})
-            lines.append(f"CPU latency, median ms per call ({torch.get_num_threads()} threads, side by side):")
+            lines.append(f"CPU latency, median ms per call ({torch.get_num_threads()} thread(s), side by side):")
             rows = [[name, _size(self.sizes[name]) if name in self.sizes else "", *(f"{v[b]:.2f}" for b in batches)]
                     for name, v in self.latency_ms.items()]
             lines.append(_table(["model", "size", *(f"batch {b}" for b in batches)], rows))
@@ -476,7 +513,8 @@ def export(
     overwrite: bool = False,
     batch_size: int = 8,
     min_agreement: float = 0.999,
-    int8_min_agreement: float = 0.99,
+    int8_min_agreement: float = 0.95,
+    int8_max_accuracy_drop: float = 0.01,
     opset: int = DEFAULT_OPSET,
     temperature: Optional[float] = None,
     source: Optional[str] = None,
@@ -498,7 +536,11 @@ def export(
         overwrite: replace an existing export folder.
         batch_size: the batch > 1 the artefact is verified at (besides batch 1).
         min_agreement: refuse an fp32 export whose top-1 agrees with PyTorch less often.
-        int8_min_agreement: the same for int8; 0.99 bounds the accuracy change to 1 point.
+        int8_min_agreement: the least top-1 agreement for int8. Rounding every activation to 8
+            bits flips some low-margin predictions both ways, so this is a floor against a broken
+            quantization, and the accuracy check below is the real criterion.
+        int8_max_accuracy_drop: refuse int8 that loses more accuracy than this on the
+            (labelled) verification images: 0.01 = 1 point.
         opset: ONNX opset.
         temperature: softmax temperature from calibration, stored in config.json.
         source: the checkpoint path, stored in config.json.
@@ -508,7 +550,7 @@ def export(
         UserError: bad options, an existing ``out``, a missing optional dependency, a model
             the exporter cannot handle, or a failed verification (``out`` is then not created).
     """
-    check_options(format, int8, batch_size, min_agreement, int8_min_agreement)
+    check_options(format, int8, batch_size, min_agreement, int8_min_agreement, int8_max_accuracy_drop)
     if int8 and (calibration is None or len(calibration) == 0):
         raise UserError("int8 quantization needs calibration images", "give training images (the run's training split)")
     if len(images) == 0:
@@ -546,9 +588,10 @@ def export(
         latency: dict[str, dict[int, float]] = {}
         if int8 and checks[0].passed:
             quantized = quantize_int8(artefact, staging / INT8_ARTEFACT, calibration, config)
-            checks.append(check_artefact(quantized, "onnx", images, reference, labels, batch_size, int8_min_agreement))
+            checks.append(check_artefact(quantized, "onnx", images, reference, labels, batch_size, int8_min_agreement,
+                                         int8_max_accuracy_drop))
             if latency_runs > 0 and checks[-1].passed:
-                runners = {"PyTorch fp32": _torch_runner(model), "ONNX Runtime fp32": load_artefact(artefact),
+                runners = {"PyTorch fp32": torch_runner(model), "ONNX Runtime fp32": load_artefact(artefact),
                            "ONNX Runtime int8": load_artefact(quantized)}
                 latency = measure_latency(runners, config["pretrained_cfg"]["input_size"], rounds=latency_runs)
                 sizes = {"PyTorch fp32": _state_bytes(net), "ONNX Runtime fp32": artefact.stat().st_size,
@@ -556,6 +599,7 @@ def export(
         report = ExportReport(
             out=str(out), format=format, checks=checks, exporter=exporter, opset=opset if format == "onnx" else None,
             files={p.name: p.stat().st_size for p in sorted(staging.iterdir())}, latency_ms=latency, sizes=sizes,
+            quantization=quantization_method(len(calibration)) if int8 else None,
         )
         failed = [c for c in checks if not c.passed]
         if failed:
@@ -571,14 +615,18 @@ def export(
     return report
 
 
-def check_options(format: str, int8: bool, batch_size: int, min_agreement: float, int8_min_agreement: float) -> None:
+def check_options(
+    format: str, int8: bool, batch_size: int, min_agreement: float, int8_min_agreement: float, int8_max_accuracy_drop: float,
+) -> None:
     """Refuse impossible option combinations and missing optional packages before any work."""
     if format not in FORMATS:
         raise UserError(f"unknown export format {format!r}", f"use one of {', '.join(FORMATS)}")
     if int8 and format != "onnx":
         raise UserError(f"--int8 quantizes ONNX models, not {format}", "use --format onnx --int8 true")
-    if not 0 <= min_agreement <= 1 or not 0 <= int8_min_agreement <= 1:
-        raise UserError("min_agreement and int8_min_agreement are fractions", "use values in [0, 1], e.g. 0.999")
+    for name, value in (("min_agreement", min_agreement), ("int8_min_agreement", int8_min_agreement),
+                        ("int8_max_accuracy_drop", int8_max_accuracy_drop)):
+        if not 0 <= value <= 1:
+            raise UserError(f"{name}={value} is not a fraction", "use a value in [0, 1], e.g. 0.999 or 0.01")
     if batch_size < 2:
         raise UserError(f"batch_size={batch_size}: verification needs a batch > 1 besides batch 1", "use batch_size >= 2")
     require(*dependencies(format), purpose=f"lit-ft export --format {format}")
@@ -586,7 +634,7 @@ def check_options(format: str, int8: bool, batch_size: int, min_agreement: float
 
 def check_artefact(
     path: Path, format: str, images: torch.Tensor, reference: torch.Tensor, labels: Optional[torch.Tensor],
-    batch_size: int, min_agreement: float,
+    batch_size: int, min_agreement: float, max_accuracy_drop: Optional[float] = None,
 ) -> Check:
     """Load ``path`` back from disk, check its batch dimension is symbolic, and :func:`verify` it."""
     fixed = onnx_batch_dim(path) if format == "onnx" else pt2_batch_dim(path) if format == "pt2" else None
@@ -594,19 +642,16 @@ def check_artefact(
         return Check(path.name, len(images), (1, batch_size), math.inf, 0.0, min_agreement, None, None,
                      problem=f"its batch dimension is fixed to {fixed}, not dynamic")
     run = load_artefact(path if format != "timm" else path.parent)
-    return verify(path.name, run, images, reference, labels, batch_size, min_agreement)
+    return verify(path.name, run, images, reference, labels, batch_size, min_agreement, max_accuracy_drop)
 
 
 def verification_error(check: Check, out: Path) -> UserError:
-    if check.problem:
-        why = check.problem
-    else:
-        why = (f"top-1 agreement with the PyTorch model {100 * check.agreement:.2f}% < {100 * check.min_agreement:.2f}% "
-               f"on {check.images} images (max |logit diff| {check.max_abs_diff:.3g})")
+    int8 = check.artefact == INT8_ARTEFACT
     return UserError(
-        f"export verification failed: {check.artefact} {why}; nothing was written to {out}",
-        "this exporter/runtime does not reproduce the model: try another --format (timm keeps the exact weights), "
-        "or for int8 lower --int8_min_agreement knowingly",
+        f"export verification failed: {check.artefact}: {check.failure}; nothing was written to {out}",
+        "int8 loses too much here: export without --int8, or relax --int8_min_agreement / --int8_max_accuracy_drop knowingly"
+        if int8 else
+        "this exporter/runtime does not reproduce the model: try another --format (timm keeps the exact weights)",
     )
 
 
@@ -722,13 +767,15 @@ def export_command(
     int8: bool = False,
     overwrite: bool = False,
     images: Optional[str] = None,
-    num_images: int = 256,
+    num_images: int = 1000,
     batch_size: int = 8,
     min_agreement: float = 0.999,
-    int8_min_agreement: float = 0.99,
+    int8_min_agreement: float = 0.95,
+    int8_max_accuracy_drop: float = 0.01,
     calibration_images: int = 256,
     opset: int = DEFAULT_OPSET,
     latency_runs: int = 5,
+    weights_only: Optional[bool] = None,
 ) -> None:
     """Export a trained model (timm/safetensors, ONNX, int8 ONNX, torch.export), verified on real images.
 
@@ -752,18 +799,23 @@ def export_command(
         num_images: how many images to verify on.
         batch_size: the batch size > 1 to verify at (besides 1).
         min_agreement: least top-1 agreement with PyTorch for an fp32 export.
-        int8_min_agreement: least top-1 agreement for int8 (0.99: at most 1 point of accuracy moves).
+        int8_min_agreement: least top-1 agreement for int8 (a floor against a broken quantization).
+        int8_max_accuracy_drop: most accuracy int8 may lose on the labelled verification images
+            (0.01 = 1 point).
         calibration_images: training images for the int8 activation ranges.
         opset: ONNX opset.
         latency_runs: rounds of side-by-side latency timing with int8 (0: skip).
+        weights_only: ignored: the checkpoint is always read with weights_only=True. Accepted so
+            that a run's saved config.yaml (which has this key from ``fit``) works as ``--config``.
     """
+    # TRANSITION: drop `weights_only` once the CLI's verb parser accepts fit's keys of a saved run config.
     from lit_ft.data.transforms import ImageTransform
 
     ckpt = cli.config.get("ckpt_path")
     if not ckpt:
         raise UserError("lit-ft export needs a trained checkpoint",
                         "pass --ckpt_path file.ckpt, or best/last together with the run's --config")
-    check_options(format, int8, batch_size, min_agreement, int8_min_agreement)
+    check_options(format, int8, batch_size, min_agreement, int8_min_agreement, int8_max_accuracy_drop)
     out = Path(out) if out else default_out(ckpt, format, int8)
     check_out(out, overwrite)  # before reading any data
     model, dm = cli.model, cli.datamodule
@@ -790,7 +842,7 @@ def export_command(
     report = export(
         model, format, out, images=x, labels=y, data_config=cfg, int8=int8,
         calibration=calibration, overwrite=overwrite, batch_size=batch_size, min_agreement=min_agreement,
-        int8_min_agreement=int8_min_agreement, opset=opset, temperature=state.get("temperature"), source=str(ckpt),
+        int8_min_agreement=int8_min_agreement, int8_max_accuracy_drop=int8_max_accuracy_drop, opset=opset, temperature=state.get("temperature"), source=str(ckpt),
         latency_runs=latency_runs,
     )
     print(report.summary(), flush=True)

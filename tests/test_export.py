@@ -314,7 +314,25 @@ def test_verify_reports_agreement_accuracies_and_a_batch_size_the_model_cannot_r
         return flipped[x[:, 0].long()]
 
     check = E.verify("m", fixed, images[:8], reference[:8], None, batch_size=4, min_agreement=0.0)
-    assert not check.passed and "does not run at batch size 1" in check.problem and "not dynamic" in check.problem
+    assert not check.passed and "does not run at batch size 1" in check.failure and "not dynamic" in check.failure
+
+
+def test_int8_is_judged_by_its_accuracy_loss_as_well_as_its_agreement():
+    reference = torch.eye(4).repeat(25, 1)  # 100 images, 4 classes, PyTorch right on all of them
+    labels = reference.argmax(-1)
+    worse = reference.clone()
+    worse[:2] = worse[:2].roll(1, dims=1)  # 2 images flip: 98% agreement, 2 points of accuracy lost
+    images = torch.arange(100.0)[:, None]
+
+    def run(x):
+        return worse[x[:, 0].long()]
+
+    check = E.verify("model_int8.onnx", run, images, reference, labels, 8, min_agreement=0.95, max_accuracy_drop=0.01)
+    assert check.agreement == pytest.approx(0.98) and check.accuracy_drop == pytest.approx(0.02)
+    assert not check.passed and "2.00 points lost > 1.00" in check.failure
+    assert E.verify("model_int8.onnx", run, images, reference, labels, 8, 0.95, max_accuracy_drop=0.02).passed
+    assert E.verify("model_int8.onnx", run, images, reference, None, 8, 0.95, max_accuracy_drop=0.01).passed  # no labels
+    assert not E.verify("model_int8.onnx", run, images, reference, labels, 8, 0.99, max_accuracy_drop=0.05).passed
 
 
 @torch.library.custom_op("litft_test::no_onnx", mutates_args=())
@@ -403,8 +421,8 @@ def test_int8_export_runs_and_reports_agreement_size_and_latency_beside_fp32(ckp
     import onnx
 
     out = tmp_path / "o"
-    export(ckpt, out, "--format", "onnx", "--int8", "true", "--int8_min_agreement", "0", "--latency_runs", "1",
-           "--calibration_images", "32")
+    export(ckpt, out, "--format", "onnx", "--int8", "true", "--int8_min_agreement", "0", "--int8_max_accuracy_drop", "1",
+           "--latency_runs", "1", "--calibration_images", "32")
     stdout = capsys.readouterr().out
     report = json.loads((out / "export_report.json").read_text())
     fp32, int8 = report["checks"]
