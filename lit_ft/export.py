@@ -437,8 +437,9 @@ def measure_latency(
     for b in batch_sizes:
         x = torch.randn(b, *input_size)
         times: dict[str, list[float]] = {name: [] for name in runners}
-        for run in runners.values():
-            run(x)
+        for run in runners.values():  # warm-up: first calls allocate buffers and pick kernels
+            for _ in range(3):
+                run(x)
         for _ in range(rounds):
             for name, run in runners.items():
                 for _ in range(repeats):

@@ -470,3 +470,29 @@ def test_default_output_folder_sits_in_the_run_beside_its_checkpoints():
     run = Path("runs/x/version_3")
     assert E.default_out(run / "checkpoints" / "best-epoch01.ckpt", "onnx", True) == run / "export" / "best-epoch01-onnx-int8"
     assert E.default_out(Path("/m/model.ckpt"), "timm", False) == Path("/m/model-timm")
+
+
+def test_a_runs_saved_config_and_a_folder_of_images_drive_the_export(ckpt, tmp_path):
+    run = ckpt.parent.parent
+    folder = tmp_path / "imgs"
+    images, labels = generate(10, 4, "easy", seed=7, stream=3)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        (folder / CLASSES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / CLASSES[label] / f"{i}.png")
+    Image.fromarray(images[0]).save(folder / "loose.png")  # outside a class folder: no label
+    main(["export", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--format", "timm",
+          "--out", str(tmp_path / "o"), "--images", str(folder / CLASSES[0]), "--batch_size", "2"])
+    check = json.loads((tmp_path / "o" / "export_report.json").read_text())["checks"][0]
+    assert check["images"] == int((labels == 0).sum()) and check["accuracy_pytorch"] is None  # no class subfolders
+
+    main(["export", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--format", "timm",
+          "--out", str(tmp_path / "o2"), "--images", str(folder), "--batch_size", "4"])
+    check = json.loads((tmp_path / "o2" / "export_report.json").read_text())["checks"][0]
+    assert check["images"] == 11 and check["batch_sizes"] == [1, 4]
+    assert check["accuracy_pytorch"] is None  # one unlabelled image: accuracy is not claimed
+
+    (folder / "loose.png").unlink()
+    main(["export", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--format", "timm",
+          "--out", str(tmp_path / "o3"), "--images", str(folder)])
+    check = json.loads((tmp_path / "o3" / "export_report.json").read_text())["checks"][0]
+    assert check["images"] == 10 and check["accuracy_pytorch"] == check["accuracy_exported"] > 0.25
