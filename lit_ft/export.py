@@ -43,6 +43,7 @@ import numpy as np
 import timm
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from lit_ft.errors import UserError
 
@@ -64,6 +65,9 @@ TRACE_BATCH = 2
 PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 Runner = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) float32 -> (B, num_classes) logits
+# Images to verify or calibrate on: a (N, C, H, W) tensor, or a dataset of (image, label) items read
+# a batch at a time (so 1,000 images at 384 px never sit in memory together).
+Images = Union[torch.Tensor, Dataset]
 
 
 # --------------------------------------------------------------------------- optional dependencies
@@ -234,7 +238,7 @@ def unexportable(architecture: str, format: str, err: BaseException) -> UserErro
 # --------------------------------------------------------------------------- int8
 
 
-def quantize_int8(fp32: Path, out: Path, calibration: torch.Tensor, config: dict[str, Any], batch_size: int = 16) -> Path:
+def quantize_int8(fp32: Path, out: Path, calibration: Images, config: dict[str, Any], batch_size: int = 16) -> Path:
     """Static int8 quantization of an ONNX model with ONNX Runtime's QDQ quantizer.
 
     Per-channel int8 weights, uint8 activations with MinMax ranges from ``calibration``
@@ -253,11 +257,11 @@ def quantize_int8(fp32: Path, out: Path, calibration: torch.Tensor, config: dict
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(calibration.split(batch_size))
+            self.batches = (x for x, _ in batches(calibration, batch_size))
 
         def get_next(self) -> Optional[dict[str, np.ndarray]]:
             x = next(self.batches, None)
-            return None if x is None else {INPUT_NAME: x.numpy()}
+            return None if x is None else {INPUT_NAME: x.contiguous().numpy()}
 
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
@@ -267,6 +271,8 @@ def quantize_int8(fp32: Path, out: Path, calibration: torch.Tensor, config: dict
         quantize_static(
             str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=first,
+            # Merge the min/max every 4 batches instead of keeping every activation of every image.
+            extra_options={"CalibMaxIntermediateOutputs": 4},
         )
     add_onnx_metadata(out, config, quantization=quantization_method(len(calibration)))
     return out
@@ -361,39 +367,62 @@ class Check:
         return self.failure is None
 
 
-def logits_of(run: Runner, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``run`` over ``images`` in batches of ``batch_size`` (the last one may be smaller)."""
-    return torch.cat([run(x.contiguous()) for x in images.split(batch_size)])
+def batches(images: Images, batch_size: int, labels: Optional[torch.Tensor] = None):
+    """``images`` in order, ``batch_size`` at a time (the last batch may be smaller), as ``(x, y)``
+    with ``y`` the labels or ``None`` when an item has none (label -1, or an id string)."""
+    for start in range(0, len(images), batch_size):
+        stop = min(start + batch_size, len(images))
+        if isinstance(images, torch.Tensor):
+            yield images[start:stop].contiguous(), None if labels is None else labels[start:stop]
+            continue
+        items = [images[i] for i in range(start, stop)]
+        ys = [y for _, y in items]
+        known = all(isinstance(y, (int, np.integer)) and y >= 0 for y in ys)
+        yield torch.stack([x for x, _ in items]), torch.tensor([int(y) for y in ys]) if known else None
+
+
+def logits_of(run: Runner, images: Images, batch_size: int) -> torch.Tensor:
+    """``run`` over ``images`` in batches of ``batch_size``: ``(N, num_classes)``."""
+    return torch.cat([run(x) for x, _ in batches(images, batch_size)])
 
 
 def verify(
     name: str,
     run: Runner,
-    images: torch.Tensor,
+    images: Images,
     reference: torch.Tensor,
     labels: Optional[torch.Tensor],
     batch_size: int,
     min_agreement: float,
     max_accuracy_drop: Optional[float] = None,
 ) -> Check:
-    """Run ``run`` on every image at batch 1 and at ``batch_size`` and compare with the
-    PyTorch ``reference`` logits. A failure to run at either batch size is reported as a
-    fixed batch dimension (what it means for an exported graph)."""
-    outputs = {}
-    for b in (1, batch_size):
-        try:
-            outputs[b] = logits_of(run, images, b)
-        except Exception as err:  # runtime errors of ORT / torch.export come in many types
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            return Check(name, len(images), (1, batch_size), math.inf, 0.0, min_agreement, None, None,
-                         problem=f"it does not run at batch size {b}, so its batch dimension is not dynamic ({first[:200]})")
+    """Run ``run`` on every image at batch ``batch_size`` and at batch 1 and compare with the
+    PyTorch ``reference`` logits ``(N, num_classes)``. ``labels`` (of a tensor of images; a
+    dataset's items carry their own) give the two accuracies. An artefact that cannot run at
+    one of the batch sizes fails: that is what a fixed batch dimension does."""
+    outputs: dict[int, list[torch.Tensor]] = {1: [], batch_size: []}
+    ys: list[Optional[torch.Tensor]] = []
+    b = batch_size
+    try:
+        for x, y in batches(images, batch_size, labels):
+            b = len(x)
+            outputs[batch_size].append(run(x))
+            b = 1
+            outputs[1].append(torch.cat([run(x[i : i + 1]) for i in range(len(x))]))
+            ys.append(y)
+    except Exception as err:  # runtime errors of ORT / torch.export come in many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return Check(name, len(images), (1, batch_size), math.inf, 0.0, min_agreement, None, None,
+                     problem=f"it does not run at batch size {b}: its batch dimension is not dynamic ({first[:200]})")
+    outs = [torch.cat(o) for o in outputs.values()]
+    labels = None if not ys or any(y is None for y in ys) else torch.cat(ys)
     ref_top1 = reference.argmax(-1)
-    diff = max(float((out - reference).abs().max()) for out in outputs.values())
-    agreement = min(float((out.argmax(-1) == ref_top1).float().mean()) for out in outputs.values())
+    diff = max(float((out - reference).abs().max()) for out in outs)
+    agreement = min(float((out.argmax(-1) == ref_top1).float().mean()) for out in outs)
     acc_ref = acc_exp = None
     if labels is not None:
         acc_ref = float((ref_top1 == labels).float().mean())
-        acc_exp = float((outputs[batch_size].argmax(-1) == labels).float().mean())
+        acc_exp = float((outs[1].argmax(-1) == labels).float().mean())
     if not math.isfinite(diff):
         return Check(name, len(images), (1, batch_size), diff, agreement, min_agreement, acc_ref, acc_exp,
                      problem="its logits are not finite")
@@ -430,7 +459,7 @@ def measure_latency(
     """Median milliseconds per call of each runner at each batch size.
 
     Runners are timed side by side: ``rounds`` rounds, each timing every runner ``repeats``
-    times in turn, after one warm-up call; so a load change on a shared machine hits all
+    times in turn, after three warm-up calls; so a load change on a shared machine hits all
     of them alike.
     """
     result: dict[str, dict[int, float]] = {name: {} for name in runners}
@@ -475,7 +504,7 @@ class ExportReport:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         for c, d in zip(self.checks, data["checks"]):
-            d["passed"] = c.passed
+            d.update(passed=c.passed, failure=c.failure, accuracy_drop=c.accuracy_drop)
         return data
 
     def summary(self) -> str:
@@ -505,12 +534,12 @@ def export(
     format: Format,
     out: Union[str, Path],
     *,
-    images: torch.Tensor,
+    images: Images,
     labels: Optional[torch.Tensor] = None,
     data_config: Optional[Mapping[str, Any]] = None,
     class_names: Optional[Sequence[str]] = None,
     int8: bool = False,
-    calibration: Optional[torch.Tensor] = None,
+    calibration: Optional[Images] = None,
     overwrite: bool = False,
     batch_size: int = 8,
     min_agreement: float = 0.999,
@@ -527,8 +556,9 @@ def export(
         model: the trained classifier; its timm network ``model.model`` is exported.
         format: ``timm`` (safetensors + config.json), ``onnx`` or ``pt2`` (torch.export).
         out: the export folder; written under a temporary name and renamed when verified.
-        images: verification images ``(N, C, H, W)``, preprocessed as in ``data_config``.
-        labels: their classes ``(N,)``, for the two accuracies (optional).
+        images: verification images preprocessed as in ``data_config``: a ``(N, C, H, W)``
+            tensor, or a dataset of ``(image, label)`` items (read a batch at a time).
+        labels: the classes ``(N,)`` of a tensor of images, for the two accuracies (optional).
         data_config: the trained preprocessing (timm data config + ``grayscale_to_rgb``);
             default ``model.data_config``.
         class_names: default ``model.class_names``.
@@ -634,7 +664,7 @@ def check_options(
 
 
 def check_artefact(
-    path: Path, format: str, images: torch.Tensor, reference: torch.Tensor, labels: Optional[torch.Tensor],
+    path: Path, format: str, images: Images, reference: torch.Tensor, labels: Optional[torch.Tensor],
     batch_size: int, min_agreement: float, max_accuracy_drop: Optional[float] = None,
 ) -> Check:
     """Load ``path`` back from disk, check its batch dimension is symbolic, and :func:`verify` it."""
@@ -709,17 +739,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 # --------------------------------------------------------------------------- images to verify on
 
 
-def take(dataset: Any, n: int, seed: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``n`` items of ``dataset`` (all if it has fewer), a fixed random choice: images
-    ``(n, C, H, W)`` and labels ``(n,)``, or ``None`` for labels when any item has none."""
+def subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:
+    """``n`` items of ``dataset`` (all if it has fewer): a fixed random choice, in dataset order."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: max(0, n)]
-    items = [dataset[int(i)] for i in order.sort().values]
-    if not items:
-        return torch.empty(0), None
-    images = torch.stack([x for x, _ in items])
-    labels = [y for _, y in items]
-    known = all(isinstance(y, int) and y >= 0 for y in labels)
-    return images, torch.tensor(labels) if known else None
+    return Subset(dataset, order.sort().values.tolist())
 
 
 def folder_dataset(root: Union[str, Path], class_names: Sequence[str], transform: Callable) -> Any:
@@ -832,16 +855,16 @@ def export_command(
         if verify_set is None:
             raise UserError("the data has no validation or test images to verify the export on",
                             "pass the run's --config (its data section), or a folder with --images DIR")
-    x, y = take(verify_set, num_images)
+    to_verify = subset(verify_set, num_images)
     calibration = None
     if int8:
         train = split_dataset(dm, "train", transform)
         if train is None:
             raise UserError("int8 calibration needs the run's training images, and the data has none",
                             "pass the run's --config so its data section is used")
-        calibration, _ = take(train, calibration_images, seed=1)
+        calibration = subset(train, calibration_images, seed=1)
     report = export(
-        model, format, out, images=x, labels=y, data_config=cfg, int8=int8,
+        model, format, out, images=to_verify, data_config=cfg, int8=int8,
         calibration=calibration, overwrite=overwrite, batch_size=batch_size, min_agreement=min_agreement,
         int8_min_agreement=int8_min_agreement, int8_max_accuracy_drop=int8_max_accuracy_drop, opset=opset, temperature=state.get("temperature"), source=str(ckpt),
         latency_runs=latency_runs,
