@@ -81,6 +81,7 @@ def main() -> None:
         exported = json.loads((out / E.CONFIG_FILE).read_text())
         model = cli.model.eval()
         transform = ImageTransform(exported["pretrained_cfg"], None, exported["lit_ft"]["grayscale_to_rgb"])
+        cli.datamodule.setup("test")
         test = E.split_dataset(cli.datamodule, "test", transform)
         if test is None:
             sys.exit("the run's data has no test split")
@@ -105,13 +106,13 @@ def main() -> None:
     ]
     backbone = cli.model.hparams.get("backbone")
     size = exported["pretrained_cfg"]["input_size"][-1]
-    loss = 100 * (acc[NAMES[0]] - acc[NAMES[2]])
+    change = 100 * (acc[NAMES[2]] - acc[NAMES[0]])  # int8 accuracy minus PyTorch's, in points
     speedup = base1 / latency[NAMES[2]][1]
     verdicts = [
         f"ONNX fp32 agreement {100 * agree[NAMES[1]]:.2f}% (target >= 99.9%: {'met' if agree[NAMES[1]] >= 0.999 else 'MISSED'}), "
         f"max abs logit diff {max_diff:.2e}.",
-        f"int8 vs PyTorch fp32 at batch 1: {speedup:.2f}x faster, accuracy {-loss:+.2f} points "
-        f"(target >= 2x faster and <= 1 point lost: {'met' if speedup >= 2 and loss <= 1 else 'MISSED'}).",
+        f"int8 vs PyTorch fp32 at batch 1: {speedup:.2f}x faster, accuracy {change:+.2f} points "
+        f"(target >= 2x faster and <= 1 point lost: {'met' if speedup >= 2 and change >= -1 else 'MISSED'}).",
     ]
     body = (
         f"{backbone}, {size} px, checkpoint `{ckpt}`; test accuracy on {n:,} test images with the preprocessing stored "

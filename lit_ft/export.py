@@ -256,12 +256,22 @@ def quantize_int8(fp32: Path, out: Path, calibration: Images, config: dict[str, 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
+        """Calibration batches, read on demand; ``set_range`` lets ONNX Runtime take them a few
+        at a time (``CalibStridedMinMax``), so not every activation of every image is kept."""
+
         def __init__(self) -> None:
-            self.batches = (x for x, _ in batches(calibration, batch_size))
+            self.starts = list(range(0, len(calibration), batch_size))
+            self.set_range(0, len(self.starts))
+
+        def __len__(self) -> int:
+            return len(self.starts)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.pending = iter(self.starts[start_index:end_index])
 
         def get_next(self) -> Optional[dict[str, np.ndarray]]:
-            x = next(self.batches, None)
-            return None if x is None else {INPUT_NAME: x.contiguous().numpy()}
+            start = next(self.pending, None)
+            return None if start is None else {INPUT_NAME: batch(calibration, start, start + batch_size)[0].numpy()}
 
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
@@ -271,8 +281,10 @@ def quantize_int8(fp32: Path, out: Path, calibration: Images, config: dict[str, 
         quantize_static(
             str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=first,
-            # Merge the min/max every 4 batches instead of keeping every activation of every image.
-            extra_options={"CalibMaxIntermediateOutputs": 4},
+            # Ranges per batch, merged by min/max (the same result as one pass): ORT's MinMax calibrator
+            # otherwise keeps every activation of every calibration image in memory. (Its
+            # CalibMaxIntermediateOutputs drops data without using it in ORT <= 1.32, onnxruntime#18893.)
+            extra_options={"CalibStridedMinMax": 1},
         )
     add_onnx_metadata(out, config, quantization=quantization_method(len(calibration)))
     return out
@@ -371,14 +383,18 @@ def batches(images: Images, batch_size: int, labels: Optional[torch.Tensor] = No
     """``images`` in order, ``batch_size`` at a time (the last batch may be smaller), as ``(x, y)``
     with ``y`` the labels or ``None`` when an item has none (label -1, or an id string)."""
     for start in range(0, len(images), batch_size):
-        stop = min(start + batch_size, len(images))
-        if isinstance(images, torch.Tensor):
-            yield images[start:stop].contiguous(), None if labels is None else labels[start:stop]
-            continue
-        items = [images[i] for i in range(start, stop)]
-        ys = [y for _, y in items]
-        known = all(isinstance(y, (int, np.integer)) and y >= 0 for y in ys)
-        yield torch.stack([x for x, _ in items]), torch.tensor([int(y) for y in ys]) if known else None
+        yield batch(images, start, start + batch_size, labels)
+
+
+def batch(images: Images, start: int, stop: int, labels: Optional[torch.Tensor] = None):
+    """Images ``start:stop`` as ``(x, y)``, see :func:`batches`."""
+    stop = min(stop, len(images))
+    if isinstance(images, torch.Tensor):
+        return images[start:stop].contiguous(), None if labels is None else labels[start:stop]
+    items = [images[i] for i in range(start, stop)]
+    ys = [y for _, y in items]
+    known = all(isinstance(y, (int, np.integer)) and y >= 0 for y in ys)
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for y in ys]) if known else None
 
 
 def logits_of(run: Runner, images: Images, batch_size: int) -> torch.Tensor:
@@ -847,22 +863,30 @@ def export_command(
     cfg = dict(state.get("data_config") or dict(model.data_config, grayscale_to_rgb=dm.grayscale_to_rgb))
     transform = ImageTransform(cfg, None, bool(cfg.get("grayscale_to_rgb", True)))
     dm.set_data_config({k: v for k, v in cfg.items() if k != "grayscale_to_rgb"})
-    dm.setup(None)  # every split the data has (None: no error for a missing one)
     if images:
         verify_set = folder_dataset(images, model.class_names, transform)
     else:
-        verify_set = split_dataset(dm, "val", transform) or split_dataset(dm, "test", transform)
+        verify_set = None
+        for stage, split in (("validate", "val"), ("test", "test")):  # only the splits needed are read
+            try:
+                dm.setup(stage)
+            except UserError:
+                continue
+            verify_set = split_dataset(dm, split, transform)
+            if verify_set is not None:
+                break
         if verify_set is None:
             raise UserError("the data has no validation or test images to verify the export on",
                             "pass the run's --config (its data section), or a folder with --images DIR")
     to_verify = subset(verify_set, num_images)
     calibration = None
     if int8:
-        train = split_dataset(dm, "train", transform)
-        if train is None:
-            raise UserError("int8 calibration needs the run's training images, and the data has none",
-                            "pass the run's --config so its data section is used")
-        calibration = subset(train, calibration_images, seed=1)
+        try:
+            dm.setup("fit")
+        except UserError as err:
+            raise UserError(f"int8 calibration needs the run's training images: {err.problem}",
+                            "pass the run's --config so its data section is used") from err
+        calibration = subset(split_dataset(dm, "train", transform), calibration_images, seed=1)
     report = export(
         model, format, out, images=to_verify, data_config=cfg, int8=int8,
         calibration=calibration, overwrite=overwrite, batch_size=batch_size, min_agreement=min_agreement,

@@ -422,7 +422,7 @@ def test_int8_export_runs_and_reports_agreement_size_and_latency_beside_fp32(ckp
 
     out = tmp_path / "o"
     export(ckpt, out, "--format", "onnx", "--int8", "true", "--int8_min_agreement", "0", "--int8_max_accuracy_drop", "1",
-           "--latency_runs", "1", "--calibration_images", "32")
+           "--latency_runs", "1", "--calibration_images", "64")  # 4 batches of 16, merged
     stdout = capsys.readouterr().out
     report = json.loads((out / "export_report.json").read_text())
     fp32, int8 = report["checks"]
@@ -437,7 +437,7 @@ def test_int8_export_runs_and_reports_agreement_size_and_latency_beside_fp32(ckp
     assert all(set(v) == {"1", "32"} and min(v.values()) > 0 for v in report["latency_ms"].values())
     assert "ONNX Runtime int8" in stdout and "batch 32" in stdout
     meta = {p.key: p.value for p in onnx.load(str(out / "model_int8.onnx")).metadata_props}
-    assert "32 training images" in meta["quantization"] and json.loads(meta["class_names"]) == CLASSES
+    assert "64 training images" in meta["quantization"] and json.loads(meta["class_names"]) == CLASSES
 
 
 @pytest.mark.slow
