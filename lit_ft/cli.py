@@ -81,7 +81,9 @@ class Verb:
 
 
 # lit-ft's own commands, beside Lightning's fit/validate/test/predict.
-VERBS: dict[str, Verb] = {}
+VERBS: dict[str, Verb] = {
+    "export": Verb("lit_ft.export:export_command"),
+}
 
 
 class LitFTCLI(LightningCLI):
