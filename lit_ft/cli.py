@@ -37,6 +37,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.callbacks import ConfusionLogger, PredictionWriter, RunRecord, ThroughputLogger, TrainSamplesLogger
+from lit_ft.callbacks import ClassReport, GradCAMLogger, ReliabilityLogger
 from lit_ft.callbacks.checkpointing import (
     LastEpochCheckpoint,
     check_checkpoint_fits,
@@ -112,6 +113,11 @@ class LitFTCLI(LightningCLI):
         parser.add_lightning_class_args(ConfusionLogger, "confusion")
         parser.add_lightning_class_args(TrainSamplesLogger, "train_samples")
         parser.add_lightning_class_args(ThroughputLogger, "throughput")
+        # Can I trust it? `reliability: {every_n_epochs: 0}`, `per_class: {on_test: false}`,
+        # `cam: {target_layer: layer3, on_test: true, predict_dir: cams/}`.
+        parser.add_lightning_class_args(ReliabilityLogger, "reliability")
+        parser.add_lightning_class_args(ClassReport, "per_class")
+        parser.add_lightning_class_args(GradCAMLogger, "cam")
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="after fit, test the best checkpoint on the test split"
         )
