@@ -171,8 +171,9 @@ def compute_cams(
         method: one of :data:`METHODS`.
 
     Returns:
-        ``(cams, probs)``: ``(B, H, W)`` float32 maps scaled to [0, 1] per image, and the
-        ``(B, num_classes)`` probabilities of the same pass (temperature 1).
+        ``(cams, logits)``: ``(B, H, W)`` float32 maps scaled to [0, 1] per image, and the
+        ``(B, num_classes)`` logits of the same pass (uncalibrated: divide by the model's
+        ``temperature`` for the probabilities ``predict`` reports).
     """
     pgc = require_grad_cam()
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -197,14 +198,14 @@ def compute_cams(
             with cam_class(model=net, target_layers=[layer], reshape_transform=_reshape(backbone, tuple(x.shape[-2:]))) as cam:
                 wanted = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets]
                 maps = cam(input_tensor=x, targets=wanted)
-                probs = cam.outputs.detach().float().softmax(-1)
+                logits = cam.outputs.detach().float()
         finally:
             handle.remove()
             for p, flag in flags:
                 p.requires_grad_(flag)
             for m, mode in modes:
                 m.training = mode
-    return np.asarray(maps, dtype=np.float32), probs
+    return np.asarray(maps, dtype=np.float32), logits
 
 
 def overlay(images: np.ndarray, cams: np.ndarray, image_weight: float = 0.5) -> np.ndarray:

@@ -141,8 +141,8 @@ class GradCAMLogger(Callback):
         x, y = torch.cat(self._images), torch.cat(self._labels)
         self._images, self._labels = [], []
         targets = y.tolist() if self.target == "true" else None
-        cams, probs = compute_cams(pl_module, x, targets, self.target_layer, self.method)
-        probs = _calibrated(pl_module, probs)
+        cams, logits = compute_cams(pl_module, x, targets, self.target_layer, self.method)
+        probs = (logits / float(getattr(pl_module, "temperature", 1.0))).softmax(-1)  # calibrated, as predict reports
         mean, std = input_stats(getattr(trainer, "datamodule", None), pl_module)
         layer = self.target_layer or "default layer"
         fig = cam_panel(unnormalize(x, mean, std), cams, probs, getattr(pl_module, "class_names", []), y.tolist(),
@@ -175,17 +175,16 @@ class GradCAMLogger(Callback):
 
 
 def overlay_name(image_id: Any) -> str:
-    """File name (relative to ``predict_dir``) of an image's overlay: its relative path with a
-    ``.png`` suffix (sub-folders kept, ``..`` and absolute parts dropped), or a zero-padded index."""
+    """File name (relative to ``predict_dir``) of an image's overlay: its relative path plus
+    ``.png`` unless it is one (sub-folders kept, ``..`` and absolute parts dropped), or a
+    zero-padded index."""
     if isinstance(image_id, torch.Tensor):
         image_id = image_id.item()
     if isinstance(image_id, (int, np.integer)):
         return f"{int(image_id):06d}.png"
-    parts = [p for p in PurePath(str(image_id)).parts if p not in ("..", ".", "/") and not PurePath(p).anchor]
-    return str(PurePath(*parts).with_suffix(".png")) if parts else "image.png"
+    parts = [p for p in PurePath(str(image_id)).parts if p not in ("..", ".") and not PurePath(p).anchor]
+    if not parts:
+        return "image.png"
+    name = str(PurePath(*parts))
+    return name if name.lower().endswith(".png") else name + ".png"  # cat.jpg -> cat.jpg.png: no clash with cat.png
 
-
-def _calibrated(pl_module: L.LightningModule, probs: torch.Tensor) -> torch.Tensor:
-    """The CAM pass's probabilities with the model's temperature applied (captions show what predict would)."""
-    t = float(getattr(pl_module, "temperature", 1.0))
-    return probs if t == 1.0 else (probs.clamp_min(1e-12).log() / t).softmax(-1)
