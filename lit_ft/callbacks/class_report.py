@@ -17,7 +17,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -138,6 +137,9 @@ class ClassReport(Callback):
         self._active = False
 
     # ------------------------------------------------------------------ accumulate
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last_pairs, self.last_epoch = [], None  # a second fit reports its own epochs
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The same on every rank: compute() at the epoch end is a collective.
         self._active = (self.every_n_epochs > 0 and not trainer.sanity_checking
@@ -180,15 +182,16 @@ class ClassReport(Callback):
             return
         names = _names(pl_module, cm.shape[0])
         stats = per_class_stats(cm)
-        rank_zero_info(f"lit-ft: per-class test results\n{per_class_table(stats, names, markdown=False)}\n"
-                       f"lit-ft: most confused on test: {format_pairs(most_confused(cm, self.top_pairs), names)}")
+        if trainer.is_global_zero:  # printed like the CLI's closing summary (stdout, not the log)
+            print(f"lit-ft: per-class test results\n{per_class_table(stats, names, markdown=False)}\n"
+                  f"lit-ft: most confused on test: {format_pairs(most_confused(cm, self.top_pairs), names)}", flush=True)
         self._log(trainer, pl_module, cm, "test", "test")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.last_epoch is not None and self.top_pairs:
+        if self.last_epoch is not None and self.top_pairs and trainer.is_global_zero:
             names = _names(pl_module, getattr(pl_module, "num_classes", 0))
-            rank_zero_info(f"lit-ft: most confused on validation (epoch {self.last_epoch}): "
-                           f"{format_pairs(self.last_pairs, names)}")
+            print(f"lit-ft: most confused on validation (epoch {self.last_epoch}): {format_pairs(self.last_pairs, names)}",
+                  flush=True)
 
     def _compute(self, pl_module: L.LightningModule) -> Optional[np.ndarray]:
         if not self._active:
