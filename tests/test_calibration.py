@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,3 +152,32 @@ def test_temperature_rides_in_the_checkpoint_old_checkpoints_load_as_one_and_fit
     model.temperature.fill_(2.0)
     trainer(tmp_path, max_epochs=2).fit(model, dm, ckpt_path=None)
     assert float(model.temperature) == 1.0
+
+
+@pytest.mark.slow
+def test_calibration_report_writes_its_section_once_and_its_images(tmp_path):
+    import importlib.util
+
+    from PIL import Image
+
+    main(["fit", *TINY, "--trainer.max_epochs", "1", "--data.image_size", "64", "--cam.every_n_epochs", "0"])
+    spec = importlib.util.spec_from_file_location("calibration_report", Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    results = tmp_path / "docs" / "results.md"
+    results.parent.mkdir()
+    results.write_text("# lit-ft results\n\n## Other\n\nkept\n")
+    args = ["--ckpt", "runs/default/version_0", "--results", str(results), "--images_dir", str(tmp_path / "docs")]
+    report.main(args)
+    report.main(args)  # a rerun replaces its section
+    text = results.read_text()
+    assert text.count(f"## {report.SECTION}") == 1 and "## Other\n\nkept" in text
+    section = text.split(f"## {report.SECTION}", 1)[1]
+    t = float(section.split("**T = ", 1)[1].split("**", 1)[0])
+    ckpt = torch.load(next(Path("runs/default/version_0/checkpoints").glob("best-*.ckpt")), weights_only=True)
+    assert "temperature" not in ckpt["lit_ft"] or ckpt["lit_ft"]["temperature"] == 1.0  # the report never writes the checkpoint
+    assert t > 0 and "| test | 64 |" in section and "| class_0 |" in section
+    assert "layer3" in section  # 64 px: the 2x2 final map is too coarse, the deepest >= 4x4 stage is explained
+    for name in ("cam_panel.png", "calibration_reliability.png"):
+        assert f"]({name})" in section
+        assert np.asarray(Image.open(tmp_path / "docs" / name)).std() > 10
