@@ -122,8 +122,9 @@ class GradCAMLogger(Callback):
         x, y = batch[0], batch[1]
         if x.ndim != 4:  # cached features (B, D) of a cached linear probe: no images this epoch
             return
-        self._images.append(x[: self.num_images - have].detach())
-        self._labels.append((y.argmax(-1) if y.ndim == 2 else y)[: self.num_images - have].detach())
+        # Copies, not views: a view would keep the whole batch alive until the epoch ends.
+        self._images.append(x[: self.num_images - have].detach().clone())
+        self._labels.append((y.argmax(-1) if y.ndim == 2 else y)[: self.num_images - have].detach().clone())
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._panel(trainer, pl_module, "val", f"epoch {trainer.current_epoch}")
