@@ -46,6 +46,7 @@ from lit_ft.callbacks import (
     TrainSamplesLogger,
     throughput_monitor,
 )
+from lit_ft.callbacks import ClassReport, GradCAMLogger, ReliabilityLogger
 from lit_ft.callbacks.checkpointing import (
     LAST_EPOCH_CHECKPOINT,
     check_checkpoint_fits,
@@ -83,6 +84,7 @@ class Verb:
 # lit-ft's own commands, beside Lightning's fit/validate/test/predict.
 VERBS: dict[str, Verb] = {
     "export": Verb("lit_ft.export:export_command"),
+    "calibrate": Verb("lit_ft.calibration:calibrate_command"),
 }
 
 
@@ -128,6 +130,11 @@ class LitFTCLI(LightningCLI):
         parser.add_lightning_class_args(throughput_monitor, "throughput")  # Lightning's ThroughputMonitor
         parser.add_lightning_class_args(BudgetCounter, "budget")  # budget/images_seen, budget/train_seconds
         parser.add_lightning_class_args(PlanMonitor, "plan_monitor")  # lr/<group>, trainable_params
+        # Can I trust it? `reliability: {every_n_epochs: 0}`, `per_class: {on_test: false}`,
+        # `cam: {target_layer: layer3, on_test: true, predict_dir: cams/}`.
+        parser.add_lightning_class_args(ReliabilityLogger, "reliability")
+        parser.add_lightning_class_args(ClassReport, "per_class")
+        parser.add_lightning_class_args(GradCAMLogger, "cam")
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="after fit, test the best checkpoint on the test split"
         )

@@ -11,14 +11,15 @@
 Figures are ``matplotlib.figure.Figure`` objects built without pyplot (a notebook displays
 the one a cell returns; ``fig.savefig(path)`` writes it). This module only gathers the
 public functions of the modules that own them: :mod:`lit_ft.experiment` (build, runs),
-:mod:`lit_ft.schedule_plot` (schedules), :mod:`lit_ft.show` (predictions).
+:mod:`lit_ft.schedule_plot` (schedules), :mod:`lit_ft.show` (predictions, Grad-CAM, reliability).
 """
 
 from lit_ft.experiment import Experiment, build, evaluate, find_checkpoint, load_run, run_datamodule
 from lit_ft.schedule_plot import ScheduleData, draw_schedule, plot_schedule, plot_schedules, schedule_data
-from lit_ft.show import show_predictions
+from lit_ft.show import reliability_diagram, show_cam, show_predictions
 
 __all__ = [
     "Experiment", "ScheduleData", "build", "draw_schedule", "evaluate", "find_checkpoint", "load_run",
-    "plot_schedule", "plot_schedules", "run_datamodule", "schedule_data", "show_predictions",
+    "plot_schedule", "plot_schedules", "reliability_diagram", "run_datamodule", "schedule_data", "show_cam",
+    "show_predictions",
 ]

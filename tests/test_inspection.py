@@ -136,11 +136,13 @@ def test_summary_line_names_best_checkpoint_and_its_metrics(run):
 
 def test_each_inspection_callback_can_be_switched_off_from_the_command_line():
     cli = main(["fit", *TINY, "--trainer.max_epochs", "1", "--data.train_size", "32", "--data.val_size", "16",
-                "--confusion.every_n_epochs", "0", "--train_samples.num_images", "0", "--throughput.enabled", "false"],
+                "--confusion.every_n_epochs", "0", "--train_samples.num_images", "0", "--throughput.enabled", "false",
+                "--reliability.every_n_epochs", "0", "--per_class.every_n_epochs", "0", "--cam.every_n_epochs", "0"],
                return_cli=True)
     acc = _events(Path(cli.trainer.log_dir))
     assert acc.Tags()["images"] == []
     assert not any(t.startswith("train/") and "sec" in t for t in acc.Tags()["scalars"])
+    assert not any(t.startswith("val/per_class") for t in acc.Tags()["tensors"])
     assert "val/acc" in acc.Tags()["scalars"]
 
 

@@ -24,7 +24,13 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 
 from lit_ft import backbones as B
 from lit_ft import optim as O
@@ -147,6 +153,10 @@ class ImageClassifier(L.LightningModule):
         self.mixup = mixup
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        # Divides the logits of validate/test/predict (`lit-ft calibrate` fits it; 1 = uncalibrated).
+        # Not in the state_dict: saved as checkpoint["lit_ft"]["temperature"], so checkpoints from
+        # before it existed still load and `check_checkpoint_fits` compares weights only.
+        self.register_buffer("temperature", torch.ones(()), persistent=False)
         O.check_lr_options([g.name for g in self.groups], lr_mult, layer_decay, lr_range)  # now, not at step 1
         k = min(top_k, self.num_classes)
         metrics = MetricCollection(
@@ -156,10 +166,11 @@ class ImageClassifier(L.LightningModule):
                 "precision": MulticlassPrecision(self.num_classes, average="macro"),
                 "recall": MulticlassRecall(self.num_classes, average="macro"),
                 "f1": MulticlassF1Score(self.num_classes, average="macro"),
+                "ece": MulticlassCalibrationError(self.num_classes, n_bins=15, norm="l1"),  # expected calibration error
             },
             # Explicit groups: torchmetrics' automatic grouping compares states after the first
             # batch and merges top-k with top-1 metrics when that batch happens to be all correct.
-            compute_groups=[["acc"], [f"acc_top{k}"], ["precision", "recall", "f1"]],
+            compute_groups=[["acc"], [f"acc_top{k}"], ["precision", "recall", "f1"], ["ece"]],
         )
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -224,14 +235,16 @@ class ImageClassifier(L.LightningModule):
         # The logits go to callbacks' on_validation_batch_end (confusion matrix, mistakes).
         return {"logits": self._eval_step(batch, self.val_metrics, "val")}
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> dict:
+        return {"logits": self._eval_step(batch, self.test_metrics, "test")}
 
     def _eval_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
+        logits = self(x) / self.temperature  # calibrated: <stage>/loss is the NLL the temperature was fitted on
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
-        metrics.update(logits, y)
+        # Probabilities, not logits: torchmetrics takes inputs inside [0, 1] as probabilities, and a
+        # zero-initialised head's logits are all 0 (ECE would read them as confidence 0).
+        metrics.update(logits.float().softmax(-1), y)
         return logits  # (B, num_classes)
 
     def on_validation_epoch_end(self) -> None:
@@ -244,8 +257,10 @@ class ImageClassifier(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict:
         x, ids = batch
-        prob, idx = self(x).softmax(-1).max(-1)
-        return {"id": list(ids), "class": [self.class_names[i] for i in idx.tolist()], "index": idx.tolist(), "prob": prob.tolist()}
+        probs = (self(x) / self.temperature).float().softmax(-1)  # (B, C), calibrated
+        prob, idx = probs.max(-1)
+        return {"id": list(ids), "class": [self.class_names[i] for i in idx.tolist()], "index": idx.tolist(), "prob": prob.tolist(),
+                "probs": probs.cpu()}
 
     # ------------------------------------------------------------------ optimizer and schedule
     def configure_optimizers(self) -> Any:
@@ -294,6 +309,9 @@ class ImageClassifier(L.LightningModule):
             self.model.forward_head = torch.compile(self.model.forward_head)
 
     def on_fit_start(self) -> None:
+        if float(self.temperature) != 1.0:  # fitted for other weights: training makes it meaningless
+            rank_zero_info(f"lit-ft: temperature {float(self.temperature):.3f} reset to 1; run `lit-ft calibrate` after training")
+            self.temperature.fill_(1.0)
         check_distributed(self.trainer.strategy.model, TrainingPlan(self.freeze).has_phases)
         self.plan_table = self.describe_plan()
         rank_zero_info(self.plan_table)
@@ -352,6 +370,7 @@ class ImageClassifier(L.LightningModule):
         dm = self._trainer.datamodule if self._trainer is not None else None
         checkpoint["lit_ft"] = {
             "class_names": self.class_names,
+            "temperature": float(self.temperature),
             # The preprocessing the model was trained with: test/predict/export use it by default.
             "data_config": dict(getattr(dm, "resolved_data_config", None) or self.data_config,
                                 grayscale_to_rgb=getattr(dm, "grayscale_to_rgb", True)),
@@ -367,6 +386,7 @@ class ImageClassifier(L.LightningModule):
                 f"(e.g. {missing[0]}); they keep the values captured when this model was built"
             )
         state = checkpoint.get("lit_ft", {})
+        self.temperature.fill_(float(state.get("temperature", 1.0)))
         if state.get("data_config"):
             self.data_config = {k: v for k, v in state["data_config"].items() if k != "grayscale_to_rgb"}
 
