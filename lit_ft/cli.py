@@ -71,7 +71,9 @@ class Verb:
 
 
 # lit-ft's own commands, beside Lightning's fit/validate/test/predict.
-VERBS: dict[str, Verb] = {}
+VERBS: dict[str, Verb] = {
+    "prune": Verb("lit_ft.prune:prune_command"),
+}
 
 
 class LitFTCLI(LightningCLI):
