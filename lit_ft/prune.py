@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # type hints only
 
 Importance = Literal["magnitude", "taylor"]
 MAX_CHANNEL_RATIO = 0.95  # never empty a layer: keep at least 5% of every group's channels
-RATIO_TOLERANCE = 0.05  # |achieved - requested| parameter fraction that is still "the requested ratio"
+RATIO_TOLERANCE = 0.05  # a ratio the prunable layers miss by more than this (as a fraction of the parameters) is refused
 
 
 # --------------------------------------------------------------------------- what a model costs
@@ -216,9 +216,7 @@ def prune_network(
                 model, C.example_input(model, input_size), importance=scorer, pruning_ratio=channel_ratio,
                 iterative_steps=steps, ignored_layers=[model.get_classifier()], round_to=round_to,
             )
-        except UserError:
-            raise
-        except Exception as err:
+        except Exception as err:  # tracing failures come in many types
             raise UserError(
                 f"torch-pruning cannot trace {type(model).__name__}: {type(err).__name__}: {_first_line(err)}",
                 "structured pruning here supports convolutional timm backbones (resnet, efficientnet, mobilenet, ...)",
@@ -240,7 +238,7 @@ def prune_network(
     lo, hi = 0.0, MAX_CHANNEL_RATIO
     at_hi = params_at(hi)
     graph_info = _coverage(net, C.dependency_graph(net, example), head)
-    if at_hi > target * (1 + RATIO_TOLERANCE):
+    if 1 - at_hi / params_before < ratio - RATIO_TOLERANCE:
         raise UserError(
             f"removing whole channels can take at most {1 - at_hi / params_before:.0%} of this model's parameters, "
             f"not {ratio:.0%}" + (f" ({len(graph_info['unpruned'])} layer(s) cannot be pruned, e.g. "

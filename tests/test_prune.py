@@ -167,7 +167,7 @@ def test_latency_is_measured_before_and_after_side_by_side(one_thread):
 
 
 @pytest.mark.slow
-def test_prune_from_the_cli_then_fine_tune_the_smaller_model_through_fit(tmp_path, capsys):
+def test_prune_from_the_cli_then_fine_tune_the_smaller_model_through_fit_with_the_original_as_teacher(tmp_path, capsys):
     first = main(["fit", *TINY, "--trainer.max_epochs", "1"], return_cli=True)
     ckpt = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
     main(["prune", *TINY, "--ckpt_path", str(ckpt), "--ratio", "0.5", "--latency_rounds", "1"])
@@ -177,7 +177,10 @@ def test_prune_from_the_cli_then_fine_tune_the_smaller_model_through_fit(tmp_pat
     report = read_report(out)
     assert abs(report["params_after"] / report["params_before"] - 0.5) <= 0.05
 
-    tuned = main(["fit", *TINY, "--trainer.max_epochs", "1", "--model.pretrained", str(out)], return_cli=True)
+    # Recover with the unpruned model as the teacher.
+    tuned = main(["fit", *TINY, "--trainer.max_epochs", "1", "--model.pretrained", str(out),
+                  "--model.distill.teacher", str(ckpt)], return_cli=True)
+    assert "train/kd_loss" in tuned.trainer.callback_metrics
     net = tuned.model.model
     assert param_count(net) == report["params_after"]
     start = ImageClassifier("test_resnet", num_classes=4, pretrained=str(out))
