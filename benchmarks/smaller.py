@@ -102,24 +102,37 @@ def lit_ft(*words: str) -> None:
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 
-def run_steps(args: argparse.Namespace, runs: Path) -> dict[str, Path]:
-    """Run every step not finished yet; {step: the checkpoint its model is measured from}."""
+def pruned_checkpoint(runs: Path, ratio: float) -> Path:
+    return runs / "pruned" / f"lite0-pruned{round(ratio * 100)}.ckpt"
+
+
+def finished_models(runs: Path, ratio: float) -> dict[str, Path]:
+    """{step: the checkpoint its model is measured from} for every finished step on disk."""
+    models = {step: best_checkpoint(runs / step / "version_0") for step in FITS}
+    models = {step: ckpt for step, ckpt in models.items() if ckpt is not None and read_run(ckpt.parent.parent) is not None}
+    if pruned_checkpoint(runs, ratio).is_file():
+        models["pruned"] = pruned_checkpoint(runs, ratio)
+    return {step: models[step] for step in ORDER if step in models}
+
+
+def run_steps(args: argparse.Namespace, runs: Path) -> None:
+    """Run every wanted step not finished yet (and those it needs)."""
     extra = SMOKE if args.smoke else []
     machine = f"{cpu()}, {os.cpu_count()} cores"
     distill = ["--model.distill.alpha", str(args.alpha), "--model.distill.temperature", str(args.temperature)]
-    models: dict[str, Path] = {}
 
-    def fit(step: str, *more: str) -> Optional[Path]:
+    def fit(step: str, *more: str) -> Path:
         run = runs / step / "version_0"
         if read_run(run) is None or best_checkpoint(run) is None:
             begin_run(run, machine)
             lit_ft("fit", *base_args(FITS[step][0]), *log_args(runs, step), "--checkpoint.save_last", "false", *extra, *more)
-        models[step] = best_checkpoint(run)
-        return models[step]
+        return best_checkpoint(run)
 
     wanted = lambda step: not args.only or step in args.only  # noqa: E731
-    teacher = fit("teacher") if args.teacher == "lite2" else None
-    lite0 = fit("lite0")
+    needs_teacher = any(wanted(s) for s in ("teacher", "lite0_kd", "mnv3_kd")) or (
+        wanted("pruned_ft_kd") and args.recovery_teacher == "teacher")
+    teacher = fit("teacher") if args.teacher == "lite2" and needs_teacher else None
+    lite0 = fit("lite0")  # every other step needs it: the student without a teacher, the model pruned
     teacher = teacher or lite0
     if args.teacher == "lite2" and wanted("lite0_kd"):
         fit("lite0_kd", "--model.distill.teacher", str(teacher), *distill)
@@ -128,9 +141,8 @@ def run_steps(args: argparse.Namespace, runs: Path) -> dict[str, Path]:
     if wanted("mnv3_kd"):
         fit("mnv3_kd", "--model.distill.teacher", str(teacher), *distill)
     if not any(wanted(s) for s in ("pruned", "pruned_ft", "pruned_ft_kd")):
-        return models
-    pct = round(args.ratio * 100)
-    pruned = runs / "pruned" / f"lite0-pruned{pct}.ckpt"
+        return
+    pruned = pruned_checkpoint(runs, args.ratio)
     run = runs / "pruned" / "version_0"
     if not pruned.is_file() or read_run(run) is None:
         pruned.unlink(missing_ok=True)
@@ -140,11 +152,11 @@ def run_steps(args: argparse.Namespace, runs: Path) -> dict[str, Path]:
         # The pruned weights as they are, before any fine-tuning: `test` builds the model from them.
         lit_ft("test", *base_args("pruned_ft"), *log_args(runs, "pruned"), *extra, *ONE_PROCESS,
                "--model.pretrained", str(pruned))
-    models["pruned"] = pruned
     recovery = teacher if args.recovery_teacher == "teacher" else lite0
-    fit("pruned_ft", "--model.pretrained", str(pruned))
-    fit("pruned_ft_kd", "--model.pretrained", str(pruned), "--model.distill.teacher", str(recovery), *distill)
-    return models
+    if wanted("pruned_ft"):
+        fit("pruned_ft", "--model.pretrained", str(pruned))
+    if wanted("pruned_ft_kd"):
+        fit("pruned_ft_kd", "--model.pretrained", str(pruned), "--model.distill.teacher", str(recovery), *distill)
 
 
 # --------------------------------------------------------------------------- measuring the models
@@ -266,7 +278,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--importance", choices=["magnitude", "taylor"], default="magnitude")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--recovery-teacher", choices=["unpruned", "teacher"], default="unpruned")
-    p.add_argument("--only", nargs="+", choices=ORDER, help="run only these steps (and the ones they need)")
+    p.add_argument("--only", nargs="+", choices=ORDER, help="run only these steps (and the ones they need: lite0 always, "
+                   "the teacher for distillation, pruned for pruned_ft*)")
     p.add_argument("--rounds", type=int, default=7, help="latency rounds")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement")
     p.add_argument("--runs", type=Path, help="run directories (default runs/smaller, runs/smaller-smoke with --smoke)")
@@ -280,8 +293,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         record = json.loads(record_path.read_text())
     else:
         started = time.time()
-        models = run_steps(args, runs)
-        costs = measure({k: v for k, v in models.items() if v is not None}, 1 if args.smoke else args.rounds, args.threads)
+        run_steps(args, runs)
+        costs = measure(finished_models(runs, args.ratio), 1 if args.smoke else args.rounds, args.threads)
         results = {step: read_run(runs / step / "version_0") for step in ORDER}
         record = {
             "command": "python benchmarks/smaller.py " + " ".join(argv if argv is not None else sys.argv[1:]),
