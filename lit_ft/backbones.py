@@ -21,6 +21,7 @@ import timm
 import torch
 from torch import nn
 
+from lit_ft import channels as C
 from lit_ft import weights as W
 from lit_ft.errors import UserError
 
@@ -57,6 +58,8 @@ def create_backbone(
         num_classes: classes of the new head.
         pretrained: ``False``/``None`` (random), ``True`` (timm hub, needs a network), a
             weights file/checkpoint path, or an offline package name (see :mod:`lit_ft.weights`).
+            Weights of a channel-pruned network (``lit-ft prune``) first shrink the fresh
+            model to their widths (:mod:`lit_ft.channels`).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth (models that support it).
         head_init: initialisation of a fresh classifier (one not taken from ``pretrained``):
@@ -92,6 +95,8 @@ def create_backbone(
                 sd = W.package_state_dict(source, model)
             else:
                 sd = W.read_state_dict(source)
+            if C.is_pruned(sd):  # weights of a channel-pruned network (lit-ft prune): take its widths first
+                C.rebuild(model, sd)
             report = W.load_into(model, sd, origin=source)
             log.info("loaded %d tensors from %s", len(report["loaded"]), source)
             head = set(W.classifier_keys(model))

@@ -85,6 +85,7 @@ class Verb:
 VERBS: dict[str, Verb] = {
     "export": Verb("lit_ft.export:export_command"),
     "calibrate": Verb("lit_ft.calibration:calibrate_command"),
+    "prune": Verb("lit_ft.prune:prune_command"),
 }
 
 

@@ -8,18 +8,25 @@
     show_predictions(model, dm, n=8)
     evaluate(trainer.checkpoint_callback.best_model_path, dm)  # {"test/acc": ..., ...}
 
+    report = prune(model, ratio=0.5, out="pruned.ckpt", datamodule=dm)  # a smaller copy, measured
+    student = ImageClassifier("mobilenetv3_small_050", num_classes=10,
+                              distill=Distillation(teacher=best_ckpt, alpha=0.5, temperature=2.0))
+
 Figures are ``matplotlib.figure.Figure`` objects built without pyplot (a notebook displays
 the one a cell returns; ``fig.savefig(path)`` writes it). This module only gathers the
 public functions of the modules that own them: :mod:`lit_ft.experiment` (build, runs),
-:mod:`lit_ft.schedule_plot` (schedules), :mod:`lit_ft.show` (predictions, Grad-CAM, reliability).
+:mod:`lit_ft.schedule_plot` (schedules), :mod:`lit_ft.show` (predictions, Grad-CAM, reliability),
+:mod:`lit_ft.prune` and :mod:`lit_ft.distill` (smaller models).
 """
 
+from lit_ft.distill import Distillation
 from lit_ft.experiment import Experiment, build, evaluate, find_checkpoint, load_run, run_datamodule
+from lit_ft.prune import PruneReport, prune
 from lit_ft.schedule_plot import ScheduleData, draw_schedule, plot_schedule, plot_schedules, schedule_data
 from lit_ft.show import reliability_diagram, show_cam, show_predictions
 
 __all__ = [
-    "Experiment", "ScheduleData", "build", "draw_schedule", "evaluate", "find_checkpoint", "load_run",
-    "plot_schedule", "plot_schedules", "reliability_diagram", "run_datamodule", "schedule_data", "show_cam",
-    "show_predictions",
+    "Distillation", "Experiment", "PruneReport", "ScheduleData", "build", "draw_schedule", "evaluate", "find_checkpoint",
+    "load_run", "plot_schedule", "plot_schedules", "prune", "reliability_diagram", "run_datamodule", "schedule_data",
+    "show_cam", "show_predictions",
 ]

@@ -8,6 +8,8 @@ starts the second rank by re-running this script. MODE:
   an EMA of the weights; each rank also saves the EMA average.
 - ``callbacks``: 2 epochs with validation and TensorBoard; each rank saves the budget counter's
   images and the validation confusion matrix (tests/test_budget.py).
+- ``distill``: knowledge distillation from ``OUT_DIR/teacher.ckpt`` (written by the test) with
+  mixup and a freeze-then-unfreeze plan; each rank also saves its teacher's weights.
 """
 
 import sys
@@ -20,8 +22,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_ft.callbacks import EMA, BudgetCounter, ConfusionLogger  # noqa: E402
+from lit_ft.distill import Distillation  # noqa: E402
 from lit_ft.regularizers import BSS, DELTA, L2SP, Mixup  # noqa: E402
-from lit_ft.schedules import Gradual  # noqa: E402
+from lit_ft.schedules import FreezeUnfreeze, Gradual  # noqa: E402
 from tests.helpers import snapshot, tiny_data, tiny_model, trainer as make_trainer  # noqa: E402
 
 
@@ -46,12 +49,15 @@ def main(mode: str, out: Path) -> None:
         saved = {"images_seen": budget.images_seen, "matrix": confusion.matrix}
         torch.save(saved, out / f"rank{trainer.global_rank}.pt")
         return
+    elif mode == "distill":
+        distill = Distillation(str(out / "teacher.ckpt"), alpha=0.5, temperature=2.0)
+        model = tiny_model(distill=distill, freeze=FreezeUnfreeze(epochs=1), mixup=Mixup(mixup_alpha=0.4))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     before = snapshot(model)
     # A plan with frozen phases needs DDP to look for unused parameters (lit-ft refuses plain
     # "ddp" then; its CLI picks this strategy by itself).
-    strategy = "ddp_find_unused_parameters_true" if mode == "gradual" else "ddp"
+    strategy = "ddp_find_unused_parameters_true" if mode in ("gradual", "distill") else "ddp"
     trainer = make_trainer(out, devices=2, strategy=strategy, max_epochs=4, deterministic=False, limit_val_batches=0,
                            callbacks=callbacks)
     # Shuffled, per-rank shards: ranks see different data, so only all-reduce keeps them equal.
@@ -59,6 +65,8 @@ def main(mode: str, out: Path) -> None:
     saved = {"before": before, "after": snapshot(model)}
     if callbacks:
         saved["ema"] = {k: v.clone() for k, v in callbacks[0].average.items()}
+    if mode == "distill":
+        saved["teacher"] = snapshot(model.distill.teacher)
     torch.save(saved, out / f"rank{trainer.global_rank}.pt")
 
 

@@ -58,3 +58,26 @@ def test_ddp_with_every_regularizer_and_ema_keeps_ranks_identical(tmp_path):
     assert len(teacher) > 20
     for k in teacher:
         assert torch.equal(r0["after"][k], r0["before"][k]) and torch.equal(r1["after"][k], r0["before"][k]), k
+
+
+@pytest.mark.slow
+def test_ddp_distillation_keeps_ranks_identical_and_the_teacher_untouched(tmp_path):
+    import lightning as L
+
+    from lit_ft.distill import load_teacher
+    from tests.helpers import tiny_data, tiny_model, trainer
+
+    L.seed_everything(3)
+    teacher = tiny_model("test_efficientnet")
+    t = trainer(tmp_path / "teacher", max_epochs=1, limit_val_batches=0)
+    t.fit(teacher, tiny_data())
+    t.save_checkpoint(tmp_path / "teacher.ckpt", weights_only=True)
+    reference = load_teacher(str(tmp_path / "teacher.ckpt"), 4).net.state_dict()
+    r0, r1 = run_ddp("distill", tmp_path, 700)
+    assert_ranks_identical(r0, r1)
+    assert not torch.equal(r0["before"]["model.conv1.0.weight"], r0["after"]["model.conv1.0.weight"])  # unfrozen, trained
+    for rank in (r0, r1):  # each rank's own teacher: weights and BatchNorm statistics as loaded
+        assert rank["teacher"].keys() == reference.keys()
+        for k, v in reference.items():
+            assert torch.equal(rank["teacher"][k], v), k
+        assert not any("teacher" in k or "distill" in k for k in rank["after"])

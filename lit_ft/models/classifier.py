@@ -36,6 +36,7 @@ from lit_ft import backbones as B
 from lit_ft import optim as O
 from lit_ft.errors import UserError
 from lit_ft.data.seeding import sample_seed
+from lit_ft.distill import Distillation
 from lit_ft.features import FeatureCache
 from lit_ft.lr_schedule import PlannedLR, is_plateau
 from lit_ft.plan import PlanRunner, seed_model_rngs, TrainingPlan, check_distributed, plan_table, run_length, steps_per_epoch
@@ -66,6 +67,11 @@ class ImageClassifier(L.LightningModule):
         regularizers: loss-side regularizers (``lit_ft.regularizers``): L2SP, DELTA, BSS, L1, L2;
             each term is added to the training loss and logged as ``reg/<name>``.
         mixup: mixup/CutMix of training batches (``lit_ft.regularizers.Mixup``).
+        distill: knowledge distillation from a frozen teacher (``lit_ft.distill.Distillation``:
+            ``teacher``, ``alpha``, ``temperature``): the loss becomes ``(1 - alpha) * task +
+            alpha * T^2 * KL(teacher || student)`` on the same (augmented, mixed) batch; logs
+            ``train/task_loss``, ``train/kd_loss``, ``train/teacher_agreement``. The teacher is
+            never trained nor saved in this model's checkpoints.
         optimizer: any torch optimizer (``class_path`` + ``init_args`` in YAML); its ``lr`` is
             the base learning rate that the per-group scales multiply.
         lr_scheduler: any torch LR scheduler, or ``lit_ft.optim.WarmupCosineLR``.
@@ -106,6 +112,7 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: ClosedUnitInterval = 0.0,
         regularizers: Optional[list[Regularizer]] = None,
         mixup: Optional[Mixup] = None,
+        distill: Optional[Distillation] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
@@ -129,7 +136,7 @@ class ImageClassifier(L.LightningModule):
         # plan objects are left out so checkpoints stay loadable with weights_only=True.
         from_cli = _given_hyperparameters.get() is not None
         self.save_hyperparameters(
-            ignore=None if from_cli else ["optimizer", "lr_scheduler", "freeze", "regularizers", "mixup"]
+            ignore=None if from_cli else ["optimizer", "lr_scheduler", "freeze", "regularizers", "mixup", "distill"]
         )
         self.num_classes, self.class_names = _classes(num_classes, class_names)
         self.model = B.create_backbone(backbone, self.num_classes, pretrained, drop_rate, drop_path_rate, head_init)
@@ -151,6 +158,7 @@ class ImageClassifier(L.LightningModule):
             reg.bind(self)
         self.reg_names = unique_names([reg.name for reg in self.regularizers])
         self.mixup = mixup
+        self.distill = distill  # a plain object: its teacher is no submodule, so never trained or saved
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         # Divides the logits of validate/test/predict (`lit-ft calibrate` fits it; 1 = uncalibrated).
@@ -205,10 +213,14 @@ class ImageClassifier(L.LightningModule):
                 hooks.enter_context(reg.capture(self))
             feats = self.features(x)
         logits = self.head(feats)  # (B, num_classes)
-        loss = self.loss(logits, targets)
+        loss = task_loss = self.loss(logits, targets)
+        if self.distill is not None:  # the teacher labels this very (augmented, mixed) batch
+            loss, logs = self.distill.loss(self, x, logits, task_loss)
+            self.log_dict(logs)  # train/kd_loss, train/teacher_agreement
+        if len(self.regularizers) or self.distill is not None:
+            self.log("train/task_loss", task_loss)
         if len(self.regularizers):
-            self.log("train/task_loss", loss)
-            out = StepOutputs(x=x, y=targets, feats=feats, logits=logits, loss=loss)
+            out = StepOutputs(x=x, y=targets, feats=feats, logits=logits, loss=task_loss)
             for name, reg in zip(self.reg_names, self.regularizers):
                 term = reg.penalty(self, out)
                 self.log(f"reg/{name}", term.detach())
