@@ -11,8 +11,12 @@ step); Lightning catches it and calls ``sys.exit(1)``, again without a checkpoin
 * single process: at ``on_train_batch_end`` (the point where Lightning's own step-based
   checkpoints are taken, so the loop counters restore exactly) it saves ``last.ckpt`` and raises
   :class:`TrainingInterrupted` (exit status 128 + signal: 143 for SIGTERM, 130 for SIGINT);
-* a signal that lands outside a training batch (validation, DDP, where Lightning stops all ranks
-  together at the next batch start) is saved from ``on_exception`` instead;
+* several processes (DDP, torchrun, SLURM): SIGTERM only sets a flag, and at every training batch
+  end the ranks agree with one all-reduce ("did any rank get SIGTERM?"); then every rank saves
+  (rank 0 writes) and exits 143 at the same batch. So a SIGTERM that reaches one node only (one
+  torchrun launcher, one SLURM task) stops the whole run with a resumable checkpoint;
+* a signal that lands outside a training batch (validation, before this callback's handler is
+  installed) is saved from ``on_exception`` instead;
 * a second Ctrl-C stops at once, without saving; under DDP Ctrl-C is left to Lightning (ranks
   would see it at different batches), SIGTERM is handled;
 * SIGTERM before the first training step of the process (setup, sanity check) exits 143 without
@@ -21,6 +25,15 @@ step); Lightning catches it and calls ``sys.exit(1)``, again without a checkpoin
 
 Resuming (``--ckpt_path last``) continues inside the epoch: the train loader skips the batches
 already trained on (:class:`lit_ft.data.resumable.ResumableDataLoader`).
+
+Why not Lightning's own SIGTERM handling under DDP: in 2.6 its handler runs a
+``dist.broadcast`` *inside the signal handler* (``trainer/connectors/signal_connector.py``,
+``_sigterm_notifier_fn``), and only rank 0's flag is ever acted upon (the per-batch broadcast
+from rank 0). A SIGTERM that reaches a rank other than 0 (torchrun forwards it from that node's
+launcher only) makes that rank enter a collective the others never enter: the ranks' collectives
+go out of step and hang. Seen with 2 torchrun "nodes" on gloo: the signalled worker ignored
+SIGTERM until torchrun SIGKILLed it 30 s later, rank 0 then died with "Connection closed by
+peer", and nothing was saved since the last epoch end.
 """
 
 from __future__ import annotations
@@ -62,6 +75,7 @@ class GracefulInterrupt(Callback):
         self.requested: Optional[int] = None  # the signal number once a stop was asked for
         self.saved_to: Optional[str] = None
         self._previous_sigint: Any = None
+        self._previous_sigterm: Any = None
         self._steps_here = 0  # training batches finished by this process (not restored ones)
 
     # ------------------------------------------------------------------ signal handling
@@ -73,16 +87,29 @@ class GracefulInterrupt(Callback):
         # puts back the handlers it found, removing ours on every exit path (exceptions included).
         # Under DDP every rank gets Ctrl-C at a slightly different batch: a per-rank decision to save
         # would deadlock in the save's barrier, so Lightning's own handling stays in place there.
-        if self.enabled and trainer.world_size == 1 and _main_thread():
+        if not (self.enabled and _main_thread()):
+            return
+        if trainer.world_size == 1:
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        else:  # replaces Lightning's handler, which runs a collective inside the handler (module docstring)
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore_sigint()
+        self._restore_handlers()
 
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None and _main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-        self._previous_sigint = None
+    def _restore_handlers(self) -> None:
+        if _main_thread():
+            if self._previous_sigint is not None:
+                signal.signal(signal.SIGINT, self._previous_sigint)
+            # Only if ours is still there: Lightning's teardown may already have put back the
+            # handler it found before fit, which must not be replaced by its own again.
+            if self._previous_sigterm is not None and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+        self._previous_sigint = self._previous_sigterm = None
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        # No collective and no I/O here: the ranks agree at the next batch end (on_train_batch_end).
+        self.requested = signum
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self.requested is not None:  # second Ctrl-C: stop now
@@ -99,16 +126,23 @@ class GracefulInterrupt(Callback):
     # ------------------------------------------------------------------ saving
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._steps_here += 1
-        signum = self._signal(trainer) if self.enabled else None
-        if signum is None or trainer.world_size > 1:
+        if not self.enabled:
             return
-        self._save(trainer)
+        signum = self._signal(trainer)
+        if trainer.world_size > 1:
+            # Every rank reaches this point once per batch (DDP's samplers give each rank the same
+            # number of batches): one tiny all-reduce, so all ranks stop at the same batch.
+            signum = int(signal.SIGTERM) if trainer.strategy.reduce_boolean_decision(signum is not None, all=False) else None
+        if signum is None:
+            return
+        self._save(trainer)  # every rank calls it; rank 0 writes
         message = self._message(trainer, signum)
-        print(f"lit-ft: {message}", file=sys.stderr, flush=True)
+        if trainer.is_global_zero:
+            print(f"lit-ft: {message}", file=sys.stderr, flush=True)
         raise TrainingInterrupted(message, signum)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_sigint()
+        self._restore_handlers()
         if not self.enabled or not isinstance(exception, SIGTERMException):
             return
         exception.code = 128 + int(signal.SIGTERM)  # Lightning's SIGTERMException would exit with 0
