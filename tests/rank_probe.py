@@ -1,0 +1,72 @@
+"""Callbacks that the multi-process tests add to a real ``lit-ft fit`` (``--trainer.callbacks+``).
+
+Not a test module: launched processes (torchrun workers, SLURM-like tasks) import it from the
+repository root on PYTHONPATH, as ``tests.rank_probe.RankRecord``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lit_ft.callbacks import GracefulInterrupt
+
+
+class RankRecord(L.Callback):
+    """At the end of fit, save what this rank ended with to ``<out>/rank<global rank>.pt``.
+
+    The record holds the model's state_dict at the start of training and at the end, the step, the images counted, and which cluster
+    environment and place in the world Lightning gave this process (so a test can check that
+    torchrun and SLURM are recognised by Lightning's own environments, not guessed).
+    """
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.before: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.before = _snapshot(pl_module)  # as initialised (or as restored, when resuming)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        env = trainer.strategy.cluster_environment
+        record = {
+            "before": self.before,
+            "state_dict": _snapshot(pl_module),
+            "global_step": trainer.global_step,
+            "images_seen": getattr(pl_module, "images_seen", None),
+            "environment": type(env).__name__ if env is not None else None,
+            "world_size": trainer.world_size,
+            "node_rank": trainer.node_rank,
+            "log_dir": trainer.log_dir,
+            "strategy": type(trainer.strategy).__name__,
+        }
+        Path(self.out).mkdir(parents=True, exist_ok=True)
+        torch.save(record, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+class HoldForSignal(L.Callback):
+    """On rank ``rank``, after training step ``step``: write ``marker`` and wait until this process
+    got SIGTERM (as seen by lit-ft's interrupt callback), so a test can signal at a known batch.
+
+    Runs before lit-ft's own interrupt callback at the same batch end (the CLI appends its
+    callbacks after the configured ones), so the run stops after exactly ``step`` steps.
+    """
+
+    def __init__(self, step: int, marker: str, rank: int = 1) -> None:
+        self.step, self.marker, self.rank = step, marker, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.step or trainer.global_rank != self.rank:
+            return
+        interrupt = next(c for c in trainer.callbacks if isinstance(c, GracefulInterrupt))
+        Path(self.marker).touch()
+        deadline = time.monotonic() + 300
+        while interrupt.requested is None and not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
