@@ -8,6 +8,7 @@ it works for any timm model, not a hand-picked few.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import logging
 from dataclasses import dataclass, field
@@ -138,15 +139,48 @@ def data_config(model: nn.Module) -> dict:
 
 @dataclass
 class LayerGroup:
-    """A named, ordered slice of the model: stem ... head."""
+    """A named, ordered slice of the model: stem ... head.
+
+    ``shapes`` are the parameters' shapes when the groups were built (before any wrapper):
+    under FSDP with ``use_orig_params`` a parameter outside the forward pass is a flat 1-d
+    shard of this rank (often empty), so its live ``shape`` says nothing about the layer.
+    """
 
     name: str
     param_names: list[str] = field(default_factory=list)
     module_names: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def num_params(self, model: nn.Module) -> int:
-        params = dict(model.named_parameters())
+        if self.shapes:
+            return sum(math.prod(self.shapes[n]) for n in self.param_names)
+        params = named_parameters(model)
         return sum(params[n].numel() for n in self.param_names)
+
+
+# Wrappers that insert one segment into the names of everything below them without changing the
+# model: FSDP wraps each auto-wrapped block as `<block>._fsdp_wrapped_module.<...>`, activation
+# checkpointing as `<block>._checkpoint_wrapped_module.<...>`. (torch keeps these constants in
+# private modules, torch.distributed.fsdp._common_utils and ..._checkpoint.checkpoint_wrapper.)
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def unwrapped_name(name: str) -> str:
+    """``blocks.0._fsdp_wrapped_module.attn.qkv.weight`` -> ``blocks.0.attn.qkv.weight``."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``model``'s parameters under the names the layer groups were built with, also after FSDP
+    (``use_orig_params=True`` keeps the original parameter objects) or activation checkpointing
+    wrapped some of its blocks."""
+    return {unwrapped_name(n): p for n, p in model.named_parameters()}
+
+
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``model``'s modules under their unwrapped names; a wrapper and the module it wraps share
+    a name, and the wrapped module (the one that holds the layers) wins."""
+    return {unwrapped_name(n): m for n, m in model.named_modules()}
 
 
 Granularity = Literal["coarse", "fine"]
@@ -188,8 +222,10 @@ def layer_groups(model: nn.Module, granularity: Granularity = "coarse") -> list[
     assert set(seen) == {n for n, _ in named}, "some parameters are in no layer group"
     names = [g.name for g in groups]
     assert len(set(names)) == len(names), f"duplicate group names {names}"
+    shapes = {n: tuple(p.shape) for n, p in named}
     for g in groups:
         g.module_names = _modules_of(model, g.param_names)
+        g.shapes = {n: shapes[n] for n in g.param_names}
     return groups
 
 
@@ -287,7 +323,7 @@ def resolve_group(ref: str | int, names: list[str]) -> int:
 
 def bn_modules(model: nn.Module, group: LayerGroup) -> list[nn.Module]:
     """Normalization layers with running statistics whose parameters are in ``group``."""
-    mods = dict(model.named_modules())
+    mods = named_modules(model)  # names as the groups know them, also through FSDP/checkpoint wrappers
     out = []
     for name in group.module_names:
         m = mods.get(name)
