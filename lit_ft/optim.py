@@ -18,16 +18,20 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import CyclicLR, LambdaLR, OneCycleLR
 
-from lit_ft.backbones import LayerGroup, resolve_group
+from lit_ft.backbones import LayerGroup, named_parameters, resolve_group
 from lit_ft.errors import UserError
 
 NO_DECAY_SUFFIX = "/no_decay"
 
 
-def is_no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norm weights, and other 1-d parameters (plus tokens/embeddings) skip weight decay."""
+def is_no_decay(name: str, shape: Sequence[int]) -> bool:
+    """Biases, norm weights, and other 1-d parameters (plus tokens/embeddings) skip weight decay.
+
+    Decided from the parameter's shape as built (``LayerGroup.shapes``), not its live one: under
+    FSDP every parameter outside the forward pass is a flat 1-d shard.
+    """
     leaf = name.rsplit(".", 1)[-1]
-    return param.ndim <= 1 or leaf in {"cls_token", "pos_embed", "dist_token", "reg_token"}
+    return len(shape) <= 1 or leaf in {"cls_token", "pos_embed", "dist_token", "reg_token"}
 
 
 def group_lr_scales(
@@ -75,7 +79,7 @@ def build_param_groups(
     groups: Sequence[LayerGroup],
     scales: Sequence[float],
     split_no_decay: bool = True,
-    no_decay: Callable[[str, nn.Parameter], bool] = is_no_decay,
+    no_decay: Callable[[str, Sequence[int]], bool] = is_no_decay,
 ) -> list[dict]:
     """One optimizer param group per (layer group x decay/no-decay), each named and scaled.
 
@@ -84,11 +88,13 @@ def build_param_groups(
     parameter of ``model`` lands in exactly one group (asserted): freezing later only
     toggles ``requires_grad``; groups are never added mid-run.
     """
-    params = dict(model.named_parameters())
+    # Names as the groups know them, also when FSDP or activation checkpointing wrapped blocks.
+    params = named_parameters(model)
     out: list[dict] = []
     for i, (group, scale) in enumerate(zip(groups, scales, strict=True)):
-        decay = [params[n] for n in group.param_names if not (split_no_decay and no_decay(n, params[n]))]
-        plain = [params[n] for n in group.param_names if split_no_decay and no_decay(n, params[n])]
+        shape = lambda n: group.shapes.get(n, params[n].shape)  # noqa: E731  (as built: see is_no_decay)
+        decay = [params[n] for n in group.param_names if not (split_no_decay and no_decay(n, shape(n)))]
+        plain = [params[n] for n in group.param_names if split_no_decay and no_decay(n, shape(n))]
         if decay:
             out.append({"params": decay, "name": group.name, "layer_group": i, "lr_scale": scale})
         if plain:

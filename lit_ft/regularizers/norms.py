@@ -25,7 +25,7 @@ class _NormPenalty(Regularizer):
     def bind(self, module: "ImageClassifier") -> None:
         indices = group_indices(module, self.groups, range(len(module.groups)))
         self._names = [
-            n for n, p in group_params(module, indices) if not (self.skip_norm_bias and is_no_decay(n, p))
+            n for n, p in group_params(module, indices) if not (self.skip_norm_bias and is_no_decay(n, p.shape))
         ]
 
     def _term(self, p: torch.Tensor) -> torch.Tensor:
