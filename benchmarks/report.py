@@ -50,11 +50,15 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(name: str, body: str, command: str) -> None:
-    """Replace (or append) the section `## name` of BENCHMARKS.md."""
+def write_section(name: str, body: str, command: str, machine_desc: str | None = None) -> None:
+    """Replace (or append) the section `## name` of BENCHMARKS.md.
+
+    ``machine_desc``: the machine the numbers come from, when it is not this one (a report
+    measured on a device machine and written here).
+    """
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# lit-ft benchmarks\n\nEach section is written by the command it names.\n"
     stamp = time.strftime("%Y-%m-%d")
-    section = f"## {name}\n\nCommand: `{command}` ({stamp})\n\nMachine: {machine()}\n\n{body.strip()}\n"
+    section = f"## {name}\n\nCommand: `{command}` ({stamp})\n\nMachine: {machine_desc or machine()}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     BENCHMARKS_MD.write_text(text)

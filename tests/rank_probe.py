@@ -28,13 +28,13 @@ class RankRecord(L.Callback):
         self.before: dict[str, torch.Tensor] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.before = _snapshot(pl_module)  # as initialised (or as restored, when resuming)
+        self.before = _snapshot(trainer)  # as initialised (or as restored, when resuming)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         env = trainer.strategy.cluster_environment
         record = {
             "before": self.before,
-            "state_dict": _snapshot(pl_module),
+            "state_dict": _snapshot(trainer),
             "global_step": trainer.global_step,
             "images_seen": getattr(pl_module, "images_seen", None),
             "environment": type(env).__name__ if env is not None else None,
@@ -68,5 +68,7 @@ class HoldForSignal(L.Callback):
             time.sleep(0.02)
 
 
-def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+def _snapshot(trainer: L.Trainer) -> dict[str, torch.Tensor]:
+    # Through the strategy: under FSDP it gathers the whole weights (on rank 0; every rank calls
+    # it), under DDP it is the module's own state_dict.
+    return {k: v.detach().cpu().clone() for k, v in trainer.strategy.lightning_module_state_dict().items()}
