@@ -24,7 +24,8 @@ left in ``--budget-s`` cannot hold it (an error in one is recorded and the next 
 5. ``fsdp``: ``configs/smoke.yaml`` on test_vit under README's FSDPStrategy YAML (one FSDP unit per
    ViT block, full-state checkpoints): its weights next to a plain run's, and stopped after epoch 1
    then resumed with ``--ckpt_path last`` next to uninterrupted.
-6. ``ddp``: with 2 or more GPUs, ``configs/smoke.yaml`` on 2 GPUs: both ranks' weights equal.
+6. ``ddp``: with 2 or more GPUs, ``configs/smoke.yaml`` on 2 GPUs: both ranks' weights equal, and
+   with ``sync_batchnorm: true`` their BN running statistics too.
 7. ``compile``: the throughput of section 2 again with ``model.compile: true`` (last: compiling
    takes a minute per model).
 
@@ -146,7 +147,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     run_section(report, "fashion_mnist", est(120), budget, lambda: fashion_mnist_section(smoke, args.fmnist_root, work))
     run_section(report, "fsdp", est(60), budget, lambda: fsdp_section(smoke, work))
     if smoke or n_gpus >= 2:
-        run_section(report, "ddp", est(60), budget, lambda: ddp_section(smoke, work))
+        run_section(report, "ddp", est(90), budget, lambda: ddp_section(smoke, work))
     else:
         report["skipped"]["ddp"] = f"{n_gpus} GPU: 2-GPU DDP needs 2"
     if smoke:
@@ -449,14 +450,27 @@ def fsdp_section(smoke: bool, work: Path) -> dict:
 
 
 def ddp_section(smoke: bool, work: Path) -> dict:
-    args = ["fit", "--config", str(SMOKE), "--trainer.devices", "2", "--trainer.accelerator", "cpu" if smoke else "gpu",
-            "--trainer.logger.init_args.save_dir", str(work / "ddp_runs"),
-            "--trainer.callbacks+=tests.rank_probe.RankRecord", "--trainer.callbacks.out", str(work / "ddp")]
-    cli(args, work / "ddp_cwd")
-    r0, r1 = rank_weights(work / "ddp", 0), rank_weights(work / "ddp", 1)
+    """configs/smoke.yaml on 2 devices (Lightning's launcher): parameters equal on both ranks. On
+    GPUs also with ``sync_batchnorm: true``, where the BN running statistics must agree too (plain
+    DDP keeps per-rank statistics; torch's DDP refuses SyncBatchNorm on a CPU)."""
     import torch
 
-    return {"ranks_equal": all(torch.equal(r0[k], r1[k]) for k in r0), "max_abs": max_diff(r0, r1), "params": len(r0)}
+    runs = {"ddp": []} if smoke else {"ddp": [], "sync_bn": ["--trainer.sync_batchnorm", "true"]}
+    out: dict[str, Any] = {}
+    for name, extra in runs.items():
+        args = ["fit", "--config", str(SMOKE), "--trainer.devices", "2", "--trainer.accelerator", "cpu" if smoke else "gpu",
+                "--trainer.logger.init_args.save_dir", str(work / f"{name}_runs"), *extra,
+                "--trainer.callbacks+=tests.rank_probe.RankRecord", "--trainer.callbacks.out", str(work / name)]
+        cli(args, work / f"{name}_cwd")
+        rec = [torch.load(work / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        p0, p1 = rank_weights(work / name, 0), rank_weights(work / name, 1)
+        stats = [k for k in rec[0]["state_dict"] if k.endswith(("running_mean", "running_var"))]
+        out[name] = {
+            "ranks_equal": all(torch.equal(p0[k], p1[k]) for k in p0), "max_abs": max_diff(p0, p1), "params": len(p0),
+            "bn_stats_max_abs": max((float((rec[0]["state_dict"][k] - rec[1]["state_dict"][k]).abs().max()) for k in stats), default=0.0),
+            "bn_types": sorted({t for t, _ in rec[0]["bn"].values()}),
+        }
+    return out
 
 
 # --------------------------------------------------------------------------- the report
@@ -503,9 +517,10 @@ def render(report: dict, heading: bool = True) -> str:
             lines += [f"FSDP (test_vit, one unit per block, full-state checkpoints): max |FSDP - plain| = "
                       f"{z['fsdp_vs_plain_max_abs']:.2e}; max |resumed - uninterrupted| = {z['resumed_vs_uninterrupted_max_abs']:.2e} "
                       f"over {z['params']} tensors.", ""]
-    g = s.get("ddp")
-    if g:
-        lines += [f"DDP, 2 devices: ranks' weights equal: {g['ranks_equal']} (max |diff| {g['max_abs']:.2e}, {g['params']} tensors).", ""]
+    for name, g in (s.get("ddp") or {}).items():
+        lines += [f"{'DDP' if name == 'ddp' else 'DDP + sync_batchnorm'}, 2 devices ({'/'.join(g['bn_types'])}): ranks' "
+                  f"parameters equal: {g['ranks_equal']} (max |diff| {g['max_abs']:.2e}, {g['params']} tensors); "
+                  f"BN running statistics max |rank 0 - rank 1| {g['bn_stats_max_abs']:.2e}.", ""]
     for name, why in report["skipped"].items():
         lines.append(f"- skipped {name}: {why}")
     for name, err in report["errors"].items():

@@ -26,9 +26,16 @@ class RankRecord(L.Callback):
     def __init__(self, out: str) -> None:
         self.out = out
         self.before: dict[str, torch.Tensor] = {}
+        self.bn: dict[str, tuple[str, bool]] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.before = _snapshot(trainer)  # as initialised (or as restored, when resuming)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # BatchNorm layers as the strategy left them (SyncBatchNorm with sync_batchnorm) and
+        # whether each was in training mode for this step.
+        self.bn = {n: (type(m).__name__, m.training) for n, m in pl_module.named_modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         env = trainer.strategy.cluster_environment
@@ -42,6 +49,7 @@ class RankRecord(L.Callback):
             "node_rank": trainer.node_rank,
             "log_dir": trainer.log_dir,
             "strategy": type(trainer.strategy).__name__,
+            "bn": self.bn,
         }
         Path(self.out).mkdir(parents=True, exist_ok=True)
         torch.save(record, Path(self.out) / f"rank{trainer.global_rank}.pt")

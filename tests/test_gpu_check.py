@@ -56,7 +56,8 @@ def test_cpu_smoke_runs_every_section_and_writes_one_report(tmp_path):
     assert all(s["data"][k] > 0 for k in ("loader_pil", "loader_batch_transforms", "train_pil", "train_batch_transforms", "model_only"))
     assert 0.0 <= s["fashion_mnist"]["test_acc"] <= 1.0 and s["fashion_mnist"]["images_seen"] == 3 * 32
     assert s["fsdp"]["refused_on_cpu"]  # Lightning's refusal, as README says
-    assert s["ddp"]["ranks_equal"] and s["ddp"]["params"] > 40
+    assert s["ddp"]["ddp"]["ranks_equal"] and s["ddp"]["ddp"]["params"] > 40
+    assert s["ddp"]["ddp"]["bn_types"] == ["BatchNorm2d"] and "sync_bn" not in s["ddp"]  # GPU only
     assert set(report["skipped"]) == {"compile"}
     text = (out / "gpu_check.md").read_text()
     assert text.startswith("# lit-ft GPU check (cpu-smoke") and "| test_vit | 32 | 8 | False |" in text

@@ -91,7 +91,8 @@ class Nodes:
                     pass
 
 
-def run_nodes(cmds: list[list[str]], cwds: list[Path], envs: list[dict[str, str]], logs: Path) -> Nodes:
+def run_nodes(cmds: list[list[str]], cwds: list[Path], envs: list[dict[str, str]], logs: Path,
+              expect: tuple[int, ...] | list[int] = (0, 0)) -> Nodes:
     logs.mkdir(parents=True, exist_ok=True)
     nodes = Nodes(logs)
     try:
@@ -100,7 +101,7 @@ def run_nodes(cmds: list[list[str]], cwds: list[Path], envs: list[dict[str, str]
         codes = nodes.wait()
     finally:
         nodes.kill()
-    assert codes == [0, 0], f"exit codes {codes}\nnode0:\n{nodes.err(0)[-3000:]}\nnode1:\n{nodes.err(1)[-3000:]}"
+    assert codes == list(expect), f"exit codes {codes}\n" + "\n".join(f"node{i}:\n{nodes.err(i)[-3000:]}" for i in range(len(codes)))
     return nodes
 
 
@@ -236,3 +237,4 @@ def test_slurm_tasks_train_as_one_run_equal_to_the_torchrun_run(tmp_path, torchr
     # Same seed, data and world size as the torchrun run: the launcher changes nothing.
     assert_same(params(r0), params(torchrun_run["r0"]), "SLURM vs torchrun")
     assert [p.name for p in (tmp_path / "runs" / "smoke").iterdir()] == ["version_0"]
+
