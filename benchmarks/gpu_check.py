@@ -10,8 +10,8 @@ Writes ``DIR/gpu_check.md`` and ``DIR/gpu_check.json`` (DIR: ``--out``, else ``$
 at once. Sections, run in this order; each one is timed, and skipped with a note when the time
 left in ``--budget-s`` cannot hold it (an error in one is recorded and the next one runs):
 
-1. ``device``: the GPU, versions, and a measured bf16 matrix-product rate next to the vendor's
-   dense bf16 peak.
+1. ``device``: the GPU, versions, a measured bf16 matrix-product rate next to the vendor's dense
+   bf16 peak, and what Lightning's ``auto`` accelerator/devices/strategy pick on this machine.
 2. ``throughput``: lit-ft training steps (ImageClassifier through a Lightning Trainer,
    bf16-mixed, channels_last, random init, batches already on the GPU) of resnet50 and
    vit_base_patch16_224 at 224 px: images/s, FLOP per image (forward + backward, counted by
@@ -184,7 +184,8 @@ def device_section(smoke: bool) -> dict:
     import torch
 
     if smoke:
-        return {"name": "cpu", "peak_bf16": None, "matmul_bf16": matmul_rate("cpu", 256, torch.float32), "matmul_n": 256}
+        return {"name": "cpu", "peak_bf16": None, "matmul_bf16": matmul_rate("cpu", 256, torch.float32), "matmul_n": 256,
+                "auto": auto_choice()}
     name = torch.cuda.get_device_name(0)
     return {
         "name": name,
@@ -192,7 +193,17 @@ def device_section(smoke: bool) -> dict:
         "peak_bf16": next((v for k, v in PEAK_BF16 if k in name), None),
         "matmul_bf16": matmul_rate("cuda", 8192, torch.bfloat16),
         "matmul_n": 8192,
+        "auto": auto_choice(),
     }
+
+
+def auto_choice() -> dict:
+    """What Lightning picks on this machine for ``accelerator/devices/strategy: auto`` (lit-ft's defaults)."""
+    import lightning as L
+
+    t = L.Trainer(accelerator="auto", devices="auto", strategy="auto", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
+    return {"accelerator": type(t.accelerator).__name__, "devices": t.num_devices, "strategy": type(t.strategy).__name__}
 
 
 def matmul_rate(device: str, n: int, dtype: Any, reps: int = 10) -> float:
@@ -484,8 +495,10 @@ def render(report: dict, heading: bool = True) -> str:
     dev = s.get("device")
     if dev:
         peak = f"{dev['peak_bf16'] / 1e12:.0f} TFLOP/s (datasheet, dense)" if dev.get("peak_bf16") else "unknown"
+        auto = dev.get("auto") or {}
         lines += [f"Device: {dev['name']}; bf16 peak {peak}; measured {dev['matmul_n']}^3 matrix product "
-                  f"{dev['matmul_bf16'] / 1e12:.3g} TFLOP/s.", ""]
+                  f"{dev['matmul_bf16'] / 1e12:.3g} TFLOP/s. `accelerator/devices/strategy: auto` picks "
+                  f"{auto.get('accelerator')} x {auto.get('devices')}, {auto.get('strategy')}.", ""]
     rows = s.get("throughput", []) + s.get("compile", [])
     if rows:
         lines += ["Training throughput (lit-ft ImageClassifier through Lightning, bf16-mixed, channels_last, random init, "

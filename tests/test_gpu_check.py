@@ -51,6 +51,7 @@ def test_cpu_smoke_runs_every_section_and_writes_one_report(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["mode"] == "cpu-smoke" and report["errors"] == {}
     s = report["sections"]
+    assert s["device"]["auto"] == {"accelerator": "CPUAccelerator", "devices": 1, "strategy": "SingleDeviceStrategy"}
     assert [r["model"] for r in s["throughput"]] == ["test_resnet", "test_vit"]
     assert all(r["images_per_s"] > 0 and r["gflop_per_image"] > 0 for r in s["throughput"])
     assert all(s["data"][k] > 0 for k in ("loader_pil", "loader_batch_transforms", "train_pil", "train_batch_transforms", "model_only"))

@@ -238,3 +238,32 @@ def test_slurm_tasks_train_as_one_run_equal_to_the_torchrun_run(tmp_path, torchr
     assert_same(params(r0), params(torchrun_run["r0"]), "SLURM vs torchrun")
     assert [p.name for p in (tmp_path / "runs" / "smoke").iterdir()] == ["version_0"]
 
+
+
+def test_sigterm_to_the_process_a_user_started_on_one_machine_stops_every_rank_with_a_checkpoint(tmp_path):
+    # `lit-ft fit ... --trainer.devices 2` on one machine: Lightning's launcher starts rank 1 as a
+    # child of the process the user started (rank 0). SIGTERM to that process (`kill PID`, a
+    # scheduler) reaches rank 0 only; rank 1 must stop at the same batch, and the checkpoint
+    # must resume.
+    marker = tmp_path / "at-step-3"
+    cmd = [sys.executable, "-m", "lit_ft", "fit", "--config", str(SMOKE), "--trainer.accelerator", "cpu",
+           "--trainer.devices", "2", "--trainer.callbacks+=tests.rank_probe.HoldForSignal", "--trainer.callbacks.step", "3",
+           "--trainer.callbacks.marker", str(marker), "--trainer.callbacks.rank", "0"]
+    (tmp_path / "logs").mkdir()
+    nodes = Nodes(tmp_path / "logs")
+    try:
+        user_process = nodes.start(cmd, tmp_path, {**base_env(), "MASTER_PORT": str(free_port())})
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert user_process.poll() is None, nodes.err(0)[-3000:]
+            assert time.monotonic() < deadline, "training never reached step 3"
+            time.sleep(0.05)
+        user_process.send_signal(signal.SIGTERM)
+        nodes.wait(timeout=120)
+    finally:
+        nodes.kill()
+    err = nodes.err(0)
+    assert user_process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "lit-ft: interrupted by SIGTERM at global step 3 (epoch 0); saved a resumable checkpoint" in err
+    ckpt = torch.load(tmp_path / "runs" / "smoke" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3 and ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 3}]
