@@ -38,7 +38,7 @@ class RankRecord(L.Callback):
                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        env = trainer.strategy.cluster_environment
+        env = getattr(trainer.strategy, "cluster_environment", None)  # none on a single device
         record = {
             "before": self.before,
             "state_dict": _snapshot(trainer),
