@@ -271,7 +271,6 @@ def train_rate(backbone: str, size: int, batch: int, smoke: bool, compile: bool,
     this is the model's own rate; with them, it is the end-to-end rate of that data pipeline.
     """
     import lightning as L
-    import torch
     from torch.utils.data import DataLoader
 
     from lit_ft import ImageClassifier
@@ -491,11 +490,11 @@ def ddp_section(smoke: bool, work: Path) -> dict:
             "bn_types": sorted({t for t, _ in rec[0]["bn"].values()}),
             "bn_stats": {k: rec[0]["state_dict"][k].float() for k in stats},
         }
-    for name in out:
-        stats = out[name].pop("bn_stats")
+    for name, result in out.items():
+        stats = result.pop("bn_stats")
         if name != "ddp":
             plain = torch.load(work / "ddp" / "rank0.pt", weights_only=True)["state_dict"]
-            out[name]["bn_stats_vs_ddp_max_abs"] = max(float((v - plain[k].float()).abs().max()) for k, v in stats.items())
+            result["bn_stats_vs_ddp_max_abs"] = max(float((v - plain[k].float()).abs().max()) for k, v in stats.items())
     return out
 
 
