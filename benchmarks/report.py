@@ -53,11 +53,15 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(name: str, body: str, command: str) -> None:
+def write_section(name: str, body: str, command: str, machine_desc: str | None = None) -> None:
     """Replace (or append) the section ``## name`` of BENCHMARKS.md, stamped with the command,
-    the date and the machine (see :mod:`benchmarks.markdown`)."""
+    the date and the machine (see :mod:`benchmarks.markdown`).
+
+    ``machine_desc``: the machine the numbers come from, when it is not this one (a report
+    measured on a device machine and written here).
+    """
     stamp = time.strftime("%Y-%m-%d")
-    full = f"Command: `{command}` ({stamp})\n\nMachine: {machine()}\n\n{body.strip()}\n"
+    full = f"Command: `{command}` ({stamp})\n\nMachine: {machine_desc or machine()}\n\n{body.strip()}\n"
     print(markdown.write_section(BENCHMARKS_MD, name, full, heading="# lit-ft benchmarks"))
 
 

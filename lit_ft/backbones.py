@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal, Union
@@ -196,10 +197,38 @@ class LayerGroup:
     param_names: list[str] = field(default_factory=list)
     module_names: list[str] = field(default_factory=list)
     modules: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def num_params(self, model: nn.Module) -> int:
-        params = dict(model.named_parameters())
+        if self.shapes:  # as built: under FSDP a live parameter is this rank's flat shard
+            return sum(math.prod(self.shapes[n]) for n in self.param_names)
+        params = named_parameters(model)
         return sum(params[n].numel() for n in self.param_names)
+
+
+# Wrappers that insert a segment into parameter/module names: FSDP's per-block units as
+# `<block>._fsdp_wrapped_module.<...>`, activation checkpointing as `<block>._checkpoint_wrapped_module.<...>`.
+# (torch keeps these constants in private modules: torch.distributed.fsdp._common_utils and
+# torch.distributed.algorithms._checkpoint.checkpoint_wrapper.)
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def unwrapped_name(name: str) -> str:
+    """``blocks.0._fsdp_wrapped_module.attn.qkv.weight`` -> ``blocks.0.attn.qkv.weight``."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``model``'s parameters under the names the layer groups were built with, also after FSDP
+    (``use_orig_params=True`` keeps the original parameter objects) or activation checkpointing
+    wrapped some of its blocks."""
+    return {unwrapped_name(n): p for n, p in model.named_parameters()}
+
+
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``model``'s modules under their unwrapped names; a wrapper and the module it wraps share
+    a name, and the wrapped module (the one that holds the layers) wins."""
+    return {unwrapped_name(n): m for n, m in model.named_modules()}
 
 
 Granularity = Literal["coarse", "fine"]
@@ -247,8 +276,10 @@ def layer_groups(model: nn.Module, granularity: Granularity = "coarse") -> list[
     assert len(set(names)) == len(names), f"duplicate group names {names}"
     for g in groups:
         g.module_names = _modules_of(model, g.param_names)
+    shapes = {n: tuple(p.shape) for n, p in named}
     for g, owned in zip(groups, module_owners(model, groups)):
         g.modules = owned
+        g.shapes = {n: shapes[n] for n in g.param_names}
     return groups
 
 
@@ -417,11 +448,11 @@ def tracks_running_stats(module: nn.Module) -> bool:
 
 def bn_modules(model: nn.Module, group: LayerGroup) -> list[nn.Module]:
     """Normalization layers with running statistics owned by ``group`` (see :func:`module_owners`)."""
-    mods = dict(model.named_modules())
+    mods = named_modules(model)  # names as the groups know them, also through FSDP/checkpoint wrappers
     return [mods[name] for name in group.modules if tracks_running_stats(mods[name])]
 
 
-def no_weight_decay_names(model: nn.Module) -> set[str]:
+def no_weight_decay_names(model: nn.Module, shapes: dict[str, tuple[int, ...]] | None = None) -> set[str]:
     """Names of the parameters that take no weight decay, by timm's own rule.
 
     The model's ``no_weight_decay()`` (timm's contract: full parameter names or ``fnmatch``
@@ -429,12 +460,16 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     plus every 1-d parameter and every ``.bias`` (norm weights, biases): the same split as
     ``timm.optim.param_groups_weight_decay`` with the model's list, so no family's token or
     embedding names have to be known here.
+
+    ``shapes`` (the layer groups' shapes as built) decide "1-d" when given: under FSDP a live
+    parameter outside the forward pass is a flat 1-d shard, whatever layer it belongs to.
     """
     patterns = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    shapes = shapes or {}
     return {
         name
-        for name, p in model.named_parameters()
-        if p.ndim <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, pat) for pat in patterns)
+        for name, p in named_parameters(model).items()
+        if len(shapes.get(name, p.shape)) <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, pat) for pat in patterns)
     }
 
 

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from lit_ft.backbones import LayerGroup, bn_modules, tracks_running_stats
+from lit_ft.backbones import LayerGroup, bn_modules, named_modules, named_parameters, tracks_running_stats
 
 
 def set_trainable(model: nn.Module, groups: Sequence[LayerGroup], trainable: Iterable[int], train_bn: bool) -> None:
@@ -21,7 +21,7 @@ def set_trainable(model: nn.Module, groups: Sequence[LayerGroup], trainable: Ite
     With ``train_bn`` the BatchNorm parameters of frozen groups keep training too.
     """
     trainable = set(trainable)
-    params = dict(model.named_parameters())
+    params = named_parameters(model)  # also through FSDP's per-block wrappers
     bn_params = _bn_param_names(model, groups) if train_bn else set()
     for i, group in enumerate(groups):
         on = i in trainable
@@ -57,7 +57,7 @@ def set_modes(
     if not model.training:
         return
     trainable = set(trainable)
-    mods = dict(model.named_modules())
+    mods = named_modules(model)
     for i, group in enumerate(groups):
         on = i in trainable
         owned = set(group.modules)
@@ -78,7 +78,7 @@ def set_bn_modes(
 
 
 def _bn_param_names(model: nn.Module, groups: Sequence[LayerGroup]) -> set[str]:
-    names = {id(m): n for n, m in model.named_modules()}
+    names = {id(m): n for n, m in named_modules(model).items()}
     out: set[str] = set()
     for group in groups:
         for bn in bn_modules(model, group):

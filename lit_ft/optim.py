@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lightning.pytorch.cli import LRSchedulerCallable
 
-from lit_ft.backbones import LayerGroup, no_weight_decay_names, resolve_group
+from lit_ft.backbones import LayerGroup, named_parameters, no_weight_decay_names, resolve_group
 from lit_ft.errors import UserError
 
 NO_DECAY_SUFFIX = "/no_decay"
@@ -87,8 +87,9 @@ def build_param_groups(
     parameter of ``model`` lands in exactly one group (asserted): freezing later only
     toggles ``requires_grad``; groups are never added mid-run.
     """
-    params = dict(model.named_parameters())
-    skip = (no_weight_decay_names(model) if no_decay is None else no_decay) if split_no_decay else set()
+    params = named_parameters(model)  # also through FSDP's per-block wrappers
+    shapes = {n: s for g in groups for n, s in g.shapes.items()}  # as built, not FSDP's flat shards
+    skip = (no_weight_decay_names(model, shapes) if no_decay is None else no_decay) if split_no_decay else set()
     out: list[dict] = []
     for i, (group, scale) in enumerate(zip(groups, scales, strict=True)):
         decay = [params[n] for n in group.param_names if n not in skip]

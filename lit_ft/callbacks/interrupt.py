@@ -15,8 +15,12 @@ step); Lightning catches it and calls ``sys.exit(1)``, again without a checkpoin
   step), at the next of: Lightning's own SIGTERM stop after the batch, the next batch start,
   the validation start or the epoch end. The exit status is 128 + signal: 143 for SIGTERM,
   130 for SIGINT (:class:`TrainingInterrupted`);
-* a signal that lands outside a training batch (validation, DDP, where Lightning stops all ranks
-  together at the next batch start) is saved from ``on_exception`` instead;
+* several processes (DDP, torchrun, SLURM): SIGTERM only sets a flag, and at every training batch
+  end the ranks agree with one all-reduce ("did any rank get SIGTERM?"); then every rank saves
+  (rank 0 writes) and all stop at the same point. So a SIGTERM that reaches one node only (one
+  torchrun launcher, one SLURM task) stops the whole run with a resumable checkpoint;
+* a signal that lands outside a training batch (validation, before this callback's handler is
+  installed) is saved from ``on_exception`` instead;
 * a second Ctrl-C stops at once, without saving; under DDP Ctrl-C is left to Lightning (ranks
   would see it at different batches), SIGTERM is handled;
 * SIGTERM before the first training step of the process (setup, sanity check) exits 143 without
@@ -29,6 +33,15 @@ every training step's scalars exactly once over the two runs. One loss remains, 
 a stop in an epoch's last batch or during its validation resumes past that validation (its
 restart fast-forwards a validation that had not finished), so that epoch's ``val/*`` scalars
 and its checkpoint-by-metric decision are missing; the weights are still exact.
+
+Why not Lightning's own SIGTERM handling under DDP: in 2.6 its handler runs a
+``dist.broadcast`` *inside the signal handler* (``trainer/connectors/signal_connector.py``,
+``_sigterm_notifier_fn``), and only rank 0's flag is ever acted upon (the per-batch broadcast
+from rank 0). A SIGTERM that reaches a rank other than 0 (torchrun forwards it from that node's
+launcher only) makes that rank enter a collective the others never enter: the ranks' collectives
+go out of step and hang. Seen with 2 torchrun "nodes" on gloo: the signalled worker ignored
+SIGTERM until torchrun SIGKILLed it 30 s later, rank 0 then died with "Connection closed by
+peer", and nothing was saved since the last epoch end.
 """
 
 from __future__ import annotations
@@ -71,6 +84,7 @@ class GracefulInterrupt(Callback):
         self.saved_to: Optional[str] = None
         self._pending: Optional[tuple[int, str]] = None  # (signal, message): saved, stop at the next stop point
         self._previous_sigint: Any = None
+        self._previous_sigterm: Any = None
         self._steps_here = 0  # training batches finished by this process (not restored ones)
 
     # ------------------------------------------------------------------ signal handling
@@ -81,17 +95,30 @@ class GracefulInterrupt(Callback):
         # Installed here, after Lightning registered its SIGTERM handler: Lightning's teardown then
         # puts back the handlers it found, removing ours on every exit path (exceptions included).
         # Under DDP every rank gets Ctrl-C at a slightly different batch: a per-rank decision to save
-        # would deadlock in the save's barrier, so Lightning's own handling stays in place there.
-        if self.enabled and trainer.world_size == 1 and _main_thread():
+        # would deadlock in the save's barrier, so Lightning's own Ctrl-C handling stays in place there.
+        if not (self.enabled and _main_thread()):
+            return
+        if trainer.world_size == 1:
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        else:  # replaces Lightning's handler, which runs a collective inside the handler (module docstring)
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore_sigint()
+        self._restore_handlers()
 
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None and _main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-        self._previous_sigint = None
+    def _restore_handlers(self) -> None:
+        if _main_thread():
+            if self._previous_sigint is not None:
+                signal.signal(signal.SIGINT, self._previous_sigint)
+            # Only if ours is still there: Lightning's teardown may already have put back the
+            # handler it found before fit, which must not be replaced by its own again.
+            if self._previous_sigterm is not None and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+        self._previous_sigint = self._previous_sigterm = None
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        # No collective and no I/O here: the ranks agree at the next batch end (on_train_batch_end).
+        self.requested = signum
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self.requested is not None:  # second Ctrl-C: stop now
@@ -108,39 +135,47 @@ class GracefulInterrupt(Callback):
     # ------------------------------------------------------------------ saving
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._steps_here += 1
-        signum = self._signal(trainer) if self.enabled else None
-        if signum is None or trainer.world_size > 1 or self._pending is not None:
+        if not self.enabled or self._pending is not None:
             return
-        self._save(trainer)
+        signum = self._signal(trainer)
+        if trainer.world_size > 1:
+            # Every rank reaches this point once per batch (DDP's samplers give each rank the same
+            # number of batches): one tiny all-reduce, so all ranks save and stop at the same batch.
+            signum = int(signal.SIGTERM) if trainer.strategy.reduce_boolean_decision(signum is not None, all=False) else None
+        if signum is None:
+            return
+        self._save(trainer)  # every rank calls it; rank 0 writes
         self._pending = (signum, self._message(trainer, signum))
 
     # Where a saved run stops: after this step's values reached the loggers, before anything else
     # is trained, validated or logged. (A SIGTERM mid-epoch is stopped by Lightning first, after
     # the batch: see on_exception.)
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._stop_if_pending()
+        self._stop_if_pending(trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._stop_if_pending()
+        self._stop_if_pending(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._stop_if_pending()
+        self._stop_if_pending(trainer)
 
-    def _stop_if_pending(self) -> None:
+    def _stop_if_pending(self, trainer: L.Trainer) -> None:
         if self._pending is None:
             return
         (signum, message), self._pending = self._pending, None
-        print(f"lit-ft: {message}", file=sys.stderr, flush=True)
+        if trainer.is_global_zero:
+            print(f"lit-ft: {message}", file=sys.stderr, flush=True)
         raise TrainingInterrupted(message, signum)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_sigint()
+        self._restore_handlers()
         if not self.enabled or not isinstance(exception, SIGTERMException):
             return
         exception.code = 128 + int(signal.SIGTERM)  # Lightning's SIGTERMException would exit with 0
         if self._pending is not None:  # saved at the end of the batch Lightning stopped after
             (_, message), self._pending = self._pending, None
-            print(f"lit-ft: {message}", file=sys.stderr, flush=True)
+            if trainer.is_global_zero:
+                print(f"lit-ft: {message}", file=sys.stderr, flush=True)
             return
         if self.saved_to is not None:
             return
