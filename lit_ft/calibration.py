@@ -260,7 +260,16 @@ def calibrate_command(cli: "LitFTCLI", max_iter: int = 100, n_bins: int = DEFAUL
     ckpt = cli.config.get("ckpt_path")
     if not ckpt:
         raise UserError("calibrate needs a trained model", "pass --ckpt_path best (or last, or a .ckpt file)")
-    model, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    calibrate_checkpoint(cli.model, cli.datamodule, cli.trainer, ckpt, max_iter, n_bins, test)
+
+
+def calibrate_checkpoint(
+    model: Any, datamodule: Any, trainer: Any, ckpt: str, max_iter: int = 100, n_bins: int = DEFAULT_BINS, test: bool = True
+) -> float:
+    """Fit the temperature of ``model`` (holding ``ckpt``'s weights) on validation logits, print
+    NLL/ECE before and after, store it in ``ckpt``; returns it. (``lit-ft calibrate`` and
+    ``fit --calibrate_after_fit`` both run this.)"""
+    dm = datamodule
     if trainer.world_size > 1:  # each rank would fit its own shard's temperature
         raise UserError("calibrate runs on one device", "pass --trainer.devices 1 (one scalar is fitted in seconds)")
     model.temperature.fill_(1.0)  # fit on the raw logits, also when re-calibrating
@@ -279,4 +288,4 @@ def calibrate_command(cli: "LitFTCLI", max_iter: int = 100, n_bins: int = DEFAUL
         store_temperature(ckpt, t, {"temperature": t, "n_bins": n_bins, "splits": [asdict(r) for r in rows]})
         print(f"lit-ft calibrate: {Path(ckpt)}\n{format_numbers(t, rows)}\nlit-ft: temperature stored in {ckpt}",
               flush=True)
-
+    return t

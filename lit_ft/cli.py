@@ -37,6 +37,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_ft import channels
 from lit_ft.callbacks import (
     BudgetCounter,
     ConfusionLogger,
@@ -105,6 +106,9 @@ class LitFTCLI(LightningCLI):
                 "--ckpt_path", type=Optional[str], default=None,
                 help="checkpoint: best or last (of the newest run of this config), or a .ckpt file",
             )
+            # A run's saved config.yaml has this key from `fit`; lit-ft's commands always read
+            # checkpoints with weights_only=True, so it is accepted and ignored.
+            parser.add_argument("--weights_only", type=Optional[bool], default=None, help="ignored (always true)")
             parser.add_function_arguments(verb.function(), nested_key=None, skip={"cli"})
         parser.link_arguments("data", "model.num_classes", compute_fn=_num_classes, apply_on="instantiate")
         parser.link_arguments("data", "model.class_names", compute_fn=_class_names, apply_on="instantiate")
@@ -138,6 +142,11 @@ class LitFTCLI(LightningCLI):
         parser.add_lightning_class_args(GradCAMLogger, "cam")
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="after fit, test the best checkpoint on the test split"
+        )
+        parser.add_argument(
+            "--calibrate_after_fit", type=bool, default=False,
+            help="after fit, fit a temperature on the validation split and store it in the best checkpoint "
+            "(as `lit-ft calibrate`; test_after_fit then reports calibrated numbers)",
         )
         # Reliability: stop on a NaN/Inf loss; save a resumable last.ckpt on SIGTERM/Ctrl-C.
         parser.add_lightning_class_args(NaNGuard, "nan_guard")
@@ -237,7 +246,9 @@ class LitFTCLI(LightningCLI):
         names = hparams.pop("class_names", None)
         hparams.pop("num_classes", None)  # link targets: they come from the data
         # The checkpoint holds every weight: do not fetch pretrained ones again (no network needed).
-        hparams["pretrained"] = False
+        # A channel-pruned network (lit-ft prune) is rebuilt at its widths from the checkpoint itself.
+        pruned = channels.is_pruned(checkpoint.get("state_dict", {}), prefix="model.")
+        hparams["pretrained"] = ckpt if pruned else False
         data_cfg = cfg.get("data")
         if data_cfg is not None:
             init = data_cfg.get("init_args", data_cfg)
@@ -267,6 +278,11 @@ class LitFTCLI(LightningCLI):
             record = next((c for c in self.trainer.callbacks if isinstance(c, RunRecord)), None)
             others = record.best_summary(exclude=(cb.monitor,)) if record is not None else ""
             print(f"lit-ft: best checkpoint {best} {metric} {others}".rstrip(), flush=True)
+        if self.config[self.subcommand].get("calibrate_after_fit") and best and not self.trainer.interrupted:
+            from lit_ft.calibration import calibrate_checkpoint
+
+            restore_weights(self.model, best)
+            calibrate_checkpoint(self.model, self.datamodule, self.trainer, best, test=False)
         if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
             ckpt = best or None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)

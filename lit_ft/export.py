@@ -816,7 +816,6 @@ def export_command(
     calibration_images: int = 256,
     opset: int = DEFAULT_OPSET,
     latency_runs: int = 5,
-    weights_only: Optional[bool] = None,
 ) -> None:
     """Export a trained model (timm/safetensors, ONNX, int8 ONNX, torch.export), verified on real images.
 
@@ -846,10 +845,7 @@ def export_command(
         calibration_images: training images for the int8 activation ranges.
         opset: ONNX opset.
         latency_runs: rounds of side-by-side latency timing with int8 (0: skip).
-        weights_only: ignored: the checkpoint is always read with weights_only=True. Accepted so
-            that a run's saved config.yaml (which has this key from ``fit``) works as ``--config``.
     """
-    # TRANSITION: drop `weights_only` once the CLI's verb parser accepts fit's keys of a saved run config.
     from lit_ft.data.transforms import ImageTransform
 
     ckpt = cli.config.get("ckpt_path")

@@ -181,3 +181,17 @@ def test_calibration_report_writes_its_section_once_and_its_images(tmp_path):
     for name in ("cam_panel.png", "calibration_reliability.png"):
         assert f"]({name})" in section
         assert np.asarray(Image.open(tmp_path / "docs" / name)).std() > 10
+
+
+def test_calibrate_after_fit_stores_the_temperature_in_the_best_checkpoint_before_testing():
+    import torch as _torch
+
+    from lit_ft.cli import main as _main
+    from tests.test_cli import TINY as _TINY
+
+    cli = _main(["fit", *_TINY, "--trainer.max_epochs", "2", "--data.train_size", "64", "--data.val_size", "32",
+                 "--calibrate_after_fit", "true", "--test_after_fit", "true"], return_cli=True)
+    best = cli.trainer.checkpoint_callback.best_model_path
+    state = _torch.load(best, map_location="cpu", weights_only=True)["lit_ft"]
+    assert state["temperature"] != 1.0 and state["calibration"]["temperature"] == state["temperature"]
+    assert float(cli.model.temperature) == state["temperature"]  # the test after fit used it

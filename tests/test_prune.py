@@ -190,6 +190,10 @@ def test_prune_from_the_cli_then_fine_tune_the_smaller_model_through_fit_with_th
     last = Path(tuned.trainer.log_dir) / "checkpoints" / "last.ckpt"
     again = ImageClassifier("test_resnet", num_classes=4, pretrained=str(last))
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in again.model.state_dict().items())
+    # And --ckpt_path rebuilds the narrower network too: test the pruned and the fine-tuned weights.
+    for path in (out, last):
+        tested = main(["test", *TINY, "--ckpt_path", str(path)], return_cli=True)
+        assert "test/acc" in tested.trainer.callback_metrics and param_count(tested.model.model) == report["params_after"]
 
 
 def test_prune_command_needs_a_checkpoint_or_an_output(capsys):
