@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
-from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft import channels
@@ -61,6 +61,7 @@ from lit_ft.config_errors import explain_parse_error
 from lit_ft.data import BaseImageDataModule
 from lit_ft.errors import UserError
 from lit_ft.models import ImageClassifier
+from lit_ft.schedules import FreezeSchedule
 from lit_ft.weights import check_checkpoint_file
 
 CKPT_ALIASES = ("best", "last")
@@ -168,16 +169,20 @@ class LitFTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        strategy = kwargs.get("strategy", (cfg.get("trainer") or {}).get("strategy"))
-        phases = getattr(getattr(self.model, "freeze", None), "ever_trainable", None) is not None and (
+        strategy = kwargs.get("strategy", (cfg.get("trainer") or {}).get("strategy", "auto"))
+        phases = isinstance(getattr(self.model, "freeze", None), FreezeSchedule) and (
             self.model.freeze.ever_trainable() != self.model.freeze.trainable(0, 0)
         )
-        unused = f"{strategy}_find_unused_parameters_true"
-        if phases and isinstance(strategy, str) and unused in StrategyRegistry:
-            # Groups frozen for part of the run send no gradient then: DDP must not wait for them.
-            rank_zero_info(f"lit-ft: the freeze plan changes mid-run; strategy {strategy} -> {unused}")
-            kwargs["strategy"] = unused
         trainer = super().instantiate_trainer(**kwargs)
+        # Groups frozen for part of the run send no gradient then: DDP must not wait for them.
+        # "ddp"-like names get their find_unused twin; "auto" only if it chose DDP (several
+        # devices or nodes), since one process needs no DDP at all.
+        unused = f"{'ddp' if strategy == 'auto' else strategy}_find_unused_parameters_true"
+        if phases and isinstance(strategy, str) and unused in StrategyRegistry and (
+            strategy != "auto" or type(trainer.strategy) is DDPStrategy
+        ):
+            rank_zero_info(f"lit-ft: the freeze plan changes mid-run; strategy {strategy} -> {unused}")
+            trainer = super().instantiate_trainer(**{**kwargs, "strategy": unused})
         use_atomic_checkpoints(trainer)  # a crash while saving never corrupts last.ckpt
         return trainer
 

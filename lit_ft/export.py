@@ -887,7 +887,14 @@ def export_command(
     report = export(
         model, format, out, images=to_verify, data_config=cfg, int8=int8,
         calibration=calibration, overwrite=overwrite, batch_size=batch_size, min_agreement=min_agreement,
-        int8_min_agreement=int8_min_agreement, int8_max_accuracy_drop=int8_max_accuracy_drop, opset=opset, temperature=state.get("temperature"), source=str(ckpt),
+        int8_min_agreement=int8_min_agreement, int8_max_accuracy_drop=int8_max_accuracy_drop, opset=opset, temperature=fitted_temperature(state), source=str(ckpt),
         latency_runs=latency_runs,
     )
     print(report.summary(), flush=True)
+
+
+def fitted_temperature(state: dict) -> Optional[float]:
+    """The temperature ``lit-ft calibrate`` stored in a checkpoint's ``lit_ft`` state, or None
+    (every checkpoint carries one; 1.0 without a fitted report means "not calibrated")."""
+    t = state.get("temperature")
+    return float(t) if t is not None and (state.get("calibration") or float(t) != 1.0) else None

@@ -226,7 +226,7 @@ def test_overlay_names_keep_folders_and_never_leave_the_output_folder():
 @pytest.mark.slow
 def test_predict_writes_top_k_calibrated_probabilities_and_one_cam_overlay_per_image(tmp_path):
     cli = main(["fit", *TINY, "--trainer.max_epochs", "1", "--cam.every_n_epochs", "0"], return_cli=True)
-    ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     folder = tmp_path / "imgs" / "sub"
     folder.mkdir(parents=True)
     for i in range(3):

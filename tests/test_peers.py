@@ -99,18 +99,6 @@ def test_records_round_trip_sorted_and_a_rerun_replaces_its_line(tmp_path):
         S.load_records(path)
 
 
-def test_markdown_section_replaces_only_its_own_section_and_is_byte_stable(tmp_path):
-    md = tmp_path / "B.md"
-    md.write_text("# t\n\n## Other\n\nkeep me\n\n## Mine\n\nold\n\n## Last\n\nkeep too\n")
-    S.local_write_markdown_section(md, "Mine", "new body")
-    once = md.read_text()
-    assert "keep me" in once and "keep too" in once and "new body" in once and "old" not in once
-    S.local_write_markdown_section(md, "Mine", "new body")
-    assert md.read_text() == once
-    S.local_write_markdown_section(md, "Added", "appended")
-    assert md.read_text().startswith(once.rstrip("\n")) and md.read_text().endswith("## Added\n\nappended\n")
-
-
 def test_runs_are_interleaved_with_the_peer_order_rotated_per_block():
     order = R.schedule(["a", "b", "c"], ["full", "10pct"], [0, 1])
     blocks = [order[i:i + 3] for i in range(0, len(order), 3)]
@@ -150,7 +138,7 @@ def test_report_names_each_missing_peer_with_the_reason(tmp_path, monkeypatch):
 
 
 def test_recipe_data_reads_the_recipes_and_counts_the_global_batch():
-    full = D.recipe_data(R.ROOT / "configs/experiments/cpu_best.yaml", 1.0, seed=0)
+    full = D.recipe_data([R.ROOT / "configs/experiments/_base.yaml", R.ROOT / "configs/experiments/cpu_best.yaml"], 1.0, seed=0)
     assert (full.batch_size, full.val_split, full.scale, full.image_size, full.crop_pct) == (64, 2000, (0.85, 1.0), 64, 1.0)
     quick = D.recipe_data(R.ROOT / "configs/quickstart.yaml", 0.1, seed=3)
     assert (quick.batch_size, quick.scale, quick.seed, quick.train_subset) == (64, (0.7, 1.0), 3, 0.1)

@@ -57,13 +57,16 @@ class DataSpec:
         return cls(**{**d, "scale": tuple(d["scale"])})
 
 
-def recipe_data(config: Path, train_subset: Union[int, float], seed: int, **overrides: Any) -> DataSpec:
-    """The data options of a lit-ft recipe YAML, with the setting's subset and seed.
+def recipe_data(config: Union[Path, list[Path]], train_subset: Union[int, float], seed: int, **overrides: Any) -> DataSpec:
+    """The data options of a lit-ft recipe (a YAML, or several composed in order as repeated
+    ``--config`` compose them), with the setting's subset and seed.
 
     The global batch is the per-process ``batch_size`` times ``trainer.devices`` (cpu_best runs
     2 DDP processes of 32: 64 images per optimizer step, as the quickstart's single process).
     """
-    cfg = yaml.safe_load(Path(config).read_text())
+    cfg: dict[str, Any] = {}
+    for path in config if isinstance(config, list) else [config]:
+        cfg = _merge(cfg, yaml.safe_load(Path(path).read_text()) or {})
     data = cfg["data"]["init_args"]
     devices = cfg.get("trainer", {}).get("devices", 1)
     devices = devices if isinstance(devices, int) else 1
@@ -80,6 +83,14 @@ def recipe_data(config: Path, train_subset: Union[int, float], seed: int, **over
     )
     spec.update(overrides)
     return DataSpec(**spec)
+
+
+def _merge(base: dict, delta: dict) -> dict:
+    """``delta`` over ``base``, nested dicts merged key by key (what repeated ``--config`` does)."""
+    out = dict(base)
+    for k, v in delta.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def data_config(spec: DataSpec) -> dict[str, Any]:

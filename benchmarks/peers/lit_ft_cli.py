@@ -17,7 +17,9 @@ from pathlib import Path
 from benchmarks.peers.probe import LightningProbe
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = {"full": ROOT / "configs" / "experiments" / "cpu_best.yaml", "10pct": ROOT / "configs" / "quickstart.yaml"}
+EXPERIMENTS = ROOT / "configs" / "experiments"
+# Each recipe as the README runs it: the strategy configs compose onto _base.yaml.
+RECIPES = {"full": [EXPERIMENTS / "_base.yaml", EXPERIMENTS / "cpu_best.yaml"], "10pct": [ROOT / "configs" / "quickstart.yaml"]}
 PROBE = f"{LightningProbe.__module__}.{LightningProbe.__qualname__}"
 
 
@@ -26,7 +28,7 @@ def command(spec: dict, run_dir: Path, smoke: bool = False) -> list[str]:
     ``lit-ft`` command, README "Using it"), logging to ``run_dir``."""
     data = spec["data"]
     cmd = [
-        sys.executable, "-m", "lit_ft", "fit", "--config", str(RECIPES[spec["setting"]]),
+        sys.executable, "-m", "lit_ft", "fit", *(a for c in RECIPES[spec["setting"]] for a in ("--config", str(c))),
         "--data.init_args.train_subset", str(data["train_subset"]),
         "--data.init_args.seed", str(data["seed"]), "--seed_everything", str(data["seed"]),
         "--trainer.max_epochs", str(spec["epochs"]),

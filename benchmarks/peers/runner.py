@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from benchmarks.peers import data as D
+from benchmarks.markdown import write_section
 from benchmarks.peers import summary as S
 from benchmarks.peers.fastai_ft import available as fastai_available
 
@@ -256,7 +257,7 @@ def write_report(records: list[dict], markdown: Path, plot_path: Path, records_p
     parts.append(f"README row: {S.readme_row(heads, {s: st.name for s, st in settings.items()}, MAX_RATIO)}")
     parts.append(f"![test accuracy vs wall time]({os.path.relpath(plot_path, markdown.parent)})")
     body = "\n\n".join(parts)
-    S.local_write_markdown_section(markdown, SECTION, body)
+    write_section(markdown, SECTION, body, heading="# lit-ft benchmarks")
     return body
 
 

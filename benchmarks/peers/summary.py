@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
 from pathlib import Path
 from typing import Optional
@@ -254,17 +253,3 @@ def plot(records: list[dict], settings: dict[str, str], peers: dict[str, str], b
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def local_write_markdown_section(path: Path, title: str, body: str) -> None:
-    """Replace (or append) the section ``## title`` of the markdown file ``path``.
-
-    LOCAL STAND-IN: the shared "write a section of a markdown file" helper of benchmarks/ is being
-    written elsewhere; swap this for it when it lands. The same bytes however often it is rewritten.
-    """
-    text = path.read_text() if path.exists() else "# lit-ft benchmarks\n\nEach section is written by the command it names.\n"
-    section = f"## {title}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.rstrip("\n") + "\n")
