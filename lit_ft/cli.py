@@ -71,7 +71,9 @@ class Verb:
 
 
 # lit-ft's own commands, beside Lightning's fit/validate/test/predict.
-VERBS: dict[str, Verb] = {}
+VERBS: dict[str, Verb] = {
+    "lr_find": Verb("lit_ft.lr_finder:lr_find_command"),
+}
 
 
 class LitFTCLI(LightningCLI):
