@@ -73,6 +73,7 @@ class Verb:
 # lit-ft's own commands, beside Lightning's fit/validate/test/predict.
 VERBS: dict[str, Verb] = {
     "lr_find": Verb("lit_ft.lr_finder:lr_find_command"),
+    "sweep": Verb("lit_ft.sweep:sweep_command", instantiate=False),
 }
 
 
