@@ -174,7 +174,11 @@ class OptunaTrial(Callback):
         # through the same SIGTERM path a `kill` takes.
         if self.parent_pid is not None and trainer.is_global_zero and os.getppid() != self.parent_pid:
             self.parent_pid = None
-            os.kill(os.getpid(), signal.SIGTERM)
+            # The sweep started the trial in its own process group: every DDP rank gets the signal.
+            if os.getpgrp() == os.getpid():
+                os.killpg(os.getpgrp(), signal.SIGTERM)
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.interrupted:
