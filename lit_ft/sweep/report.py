@@ -82,6 +82,8 @@ def pruning_savings(rows_: Sequence[Row], max_epochs: Mapping[int, int]) -> Opti
     trained = sum(r.epochs for r in done)
     full = sum(max(max_epochs.get(r.slot, r.epochs), r.epochs) for r in done)
     saved = full - trained
+    if not pruned:
+        return f"no trial was pruned ({trained} epochs trained)"
     per_epoch = [r.wall_s / r.epochs for r in done if r.epochs]
     minutes = saved * (sum(per_epoch) / len(per_epoch)) / 60 if per_epoch else 0.0
     return (f"pruning stopped {len(pruned)} of {len(done)} trials early: {trained} epochs trained instead of {full} "
