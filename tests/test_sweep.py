@@ -309,3 +309,70 @@ def test_every_shipped_search_space_checks_against_its_recipe(space, capsys):
     base = [ROOT / "configs/experiments/_base.yaml", ROOT / "configs/experiments/full_ft.yaml"]
     main(["sweep", *(a for c in base for a in ("-c", str(c))), "--space", str(space), "--trials", "16", "--print_space", "true"])
     assert "budget: 16 trials" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- pieces, in process
+def test_a_trial_left_running_by_a_dead_sweep_is_closed_and_re_enqueued_with_its_parameters(tmp_path):
+    # RDB storage (sqlite) here; the subprocess tests use the journal file.
+    from lit_ft.callbacks.trial import open_storage
+    from lit_ft.sweep.study import HOST, PID, Trials
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    trial = study.ask()
+    trial.suggest_float("model.layer_decay", 0.5, 1.0)
+    trial.report(0.5, 0)
+    for key, value in ((SLOT, 0), (HOST, __import__("socket").gethostname()), (PID, dead.pid)):
+        trial.set_user_attr(key, value)
+    alive = study.ask()  # started by this (live) process: not stale
+    alive.set_user_attr(PID, os.getpid())
+    alive.set_user_attr(HOST, __import__("socket").gethostname())
+    alive.set_user_attr("lit_ft:heartbeat", time.time())
+    messages = Trials(study, storage).recover(grace=600)
+    assert len(messages) == 1 and "trial 0" in messages[0]
+    old, running, retry = study.trials
+    assert old.state.name == "FAIL" and old.user_attrs[REASON].startswith("interrupted")
+    assert running.state.name == "RUNNING"
+    assert retry.state.name == "WAITING" and retry.user_attrs[RETRY_OF] == 0 and retry.user_attrs[SLOT] == 0
+    popped = study.ask()  # the next ask takes the retry, with the same parameters
+    assert popped.number == 2 and popped.suggest_float("model.layer_decay", 0.5, 1.0) == old.params["model.layer_decay"]
+
+
+@pytest.mark.parametrize("pruner, args", [("median", {"n_startup_trials": 1}), ("hyperband", {"min_resource": 1, "max_resource": 4}),
+                                          ("successive_halving", {"min_resource": 1})])
+def test_the_trial_callback_reports_to_the_storage_and_asks_the_pruner(tmp_path, pruner, args):
+    from lit_ft.callbacks.trial import OptunaTrial, open_storage
+
+    url = str(tmp_path / "study.journal")
+    study = optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
+    # Finished trials that reached 0.9 at every epoch, reported as a trial does; enough of them that
+    # each Hyperband bracket (chosen by a hash of the trial number) has some to compare with.
+    for _ in range(12):
+        done = study.ask()
+        reporter = OptunaTrial(url, "s", done.number, pruner=pruner, pruner_args=args)
+        assert all(reporter.report(epoch, 0.9) == (False, "") for epoch in range(4))
+        study.tell(done, 0.9)
+    bad = study.ask()
+    cb = OptunaTrial(url, "s", bad.number, pruner=pruner, pruner_args=args)
+    decisions = [cb.report(epoch, 0.1) for epoch in range(4)]
+    stopped = next(epoch for epoch, (prune, _) in enumerate(decisions) if prune)  # pruned at some epoch
+    assert type(make(pruner, args)).__name__ in decisions[stopped][1]
+    assert study.trials[bad.number].intermediate_values == {e: 0.1 for e in range(4)}  # where the sweep reads them
+    good = study.ask()
+    ok = OptunaTrial(url, "s", good.number, pruner=pruner, pruner_args=args)
+    assert all(ok.report(epoch, 0.95) == (False, "") for epoch in range(4))
+
+
+def make(name, args):
+    from lit_ft.callbacks.trial import make_pruner
+
+    return make_pruner(name, args)
+
+
+def test_workers_get_disjoint_core_shares():
+    from lit_ft.sweep.runner import core_share
+
+    assert [core_share(k, 2, [0, 1, 2, 3]) for k in range(2)] == [[0, 1], [2, 3]]
+    assert [core_share(k, 3, [0, 1]) for k in range(3)] == [[0], [1], [0]]  # more workers than cores

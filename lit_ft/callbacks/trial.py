@@ -119,8 +119,8 @@ class OptunaTrial(Callback):
         study_id = self._storage.get_study_id_from_name(self.study_name)
         self._trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, self.trial)
 
-    def _report(self, epoch: int, value: float) -> tuple[bool, str]:
-        """Write the epoch's value and ask the pruner; (prune?, why)."""
+    def report(self, epoch: int, value: float) -> tuple[bool, str]:
+        """Write the epoch's value to the study and ask the pruner: (prune?, why). Rank 0 only."""
         from optuna.exceptions import UpdateFinishedTrialError
 
         self._connect()
@@ -155,7 +155,7 @@ class OptunaTrial(Callback):
                     "give the sweep --metric with one of them, or give the data a validation split",
                 )
             value = float(trainer.callback_metrics[self.monitor])
-            prune, why = self._report(epoch, value)
+            prune, why = self.report(epoch, value)
             decision = {"prune": prune, "why": why, "value": value}
             verdict = f"; {why}, stopping" if prune else ""
             print(f"lit-ft trial {self.trial}: epoch {epoch} {self.monitor}={value:.4f} reported (rank 0){verdict}", flush=True)

@@ -468,8 +468,9 @@ class Sweep:
                 summary.append(saving)
             R.write_text(self.sweep_dir / "results.md", "\n".join(summary) + "\n\n" + md)
             R.write_text(self.sweep_dir / "results.csv", csv_text)
-            for r in rows:
-                if r.slot == slot or final:
+            for r in rows:  # once per slot, when it is final (an interrupted slot will run again)
+                session = self.sweep_dir / "hparams" / r.run_dir
+                if r.state != "INTERRUPTED" and not any(session.glob("events.out.tfevents.*")):
                     R.write_hparams(self.sweep_dir / "hparams", r, self.metric)
             if slot is not None:
                 row = next((r for r in rows if r.slot == slot), None)
