@@ -88,6 +88,8 @@ VERBS: dict[str, Verb] = {
     "export": Verb("lit_ft.export:export_command"),
     "calibrate": Verb("lit_ft.calibration:calibrate_command"),
     "prune": Verb("lit_ft.prune:prune_command"),
+    "lr_find": Verb("lit_ft.lr_finder:lr_find_command"),
+    "sweep": Verb("lit_ft.sweep:sweep_command", instantiate=False),
 }
 
 
@@ -384,7 +386,11 @@ def main(args: ArgsType = None, *, return_cli: bool = False) -> Optional[LitFTCL
     try:
         _check_composed_configs(words or [])
         if verb is not None:
-            cli = make_cli(words[1:], run=False, verb=(verb, VERBS[verb]))
+            argv, sys.argv = sys.argv, sys.argv[:1]  # the words are passed as args (LightningCLI warns if both)
+            try:
+                cli = make_cli(words[1:], run=False, verb=(verb, VERBS[verb]))
+            finally:
+                sys.argv = argv
             cli.run_verb()
         else:
             cli = make_cli(args)

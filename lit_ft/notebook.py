@@ -16,17 +16,19 @@ Figures are ``matplotlib.figure.Figure`` objects built without pyplot (a noteboo
 the one a cell returns; ``fig.savefig(path)`` writes it). This module only gathers the
 public functions of the modules that own them: :mod:`lit_ft.experiment` (build, runs),
 :mod:`lit_ft.schedule_plot` (schedules), :mod:`lit_ft.show` (predictions, Grad-CAM, reliability),
+:mod:`lit_ft.lr_finder` (``lr_find(model, dm).figure()``: the LR finder with every group's ratio kept),
 :mod:`lit_ft.prune` and :mod:`lit_ft.distill` (smaller models).
 """
 
 from lit_ft.distill import Distillation
+from lit_ft.lr_finder import LRFindResult, lr_find
 from lit_ft.experiment import Experiment, build, evaluate, find_checkpoint, load_run, run_datamodule
 from lit_ft.prune import PruneReport, prune
 from lit_ft.schedule_plot import ScheduleData, draw_schedule, plot_schedule, plot_schedules, schedule_data
 from lit_ft.show import reliability_diagram, show_cam, show_predictions
 
 __all__ = [
-    "Distillation", "Experiment", "PruneReport", "ScheduleData", "build", "draw_schedule", "evaluate", "find_checkpoint",
-    "load_run", "plot_schedule", "plot_schedules", "prune", "reliability_diagram", "run_datamodule", "schedule_data",
-    "show_cam", "show_predictions",
+    "Distillation", "Experiment", "LRFindResult", "PruneReport", "ScheduleData", "build", "draw_schedule", "evaluate",
+    "find_checkpoint", "load_run", "lr_find", "plot_schedule", "plot_schedules", "prune", "reliability_diagram",
+    "run_datamodule", "schedule_data", "show_cam", "show_predictions",
 ]

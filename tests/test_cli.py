@@ -125,8 +125,10 @@ def test_python_m_lit_ft_runs_the_same_cli():
 
 
 # Every config a user can run: configs/experiments/_base.yaml is the shared recipe of the
-# strategies beside it, not an experiment of its own.
-CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml") if not p.name.startswith("_"))
+# strategies beside it, not an experiment of its own; configs/sweeps/ holds search spaces for
+# `lit-ft sweep` (checked against the recipe in tests/test_sweep.py).
+CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml")
+                 if not p.name.startswith("_") and "sweeps" not in p.relative_to(ROOT).parts)
 
 
 def config_files(config: Path) -> list[Path]:

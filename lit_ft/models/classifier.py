@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import lightning as L
 import torch
@@ -45,6 +45,17 @@ from lit_ft.regularizers.base import match_checkpoint_state
 from lit_ft.schedules import FreezeSchedule, Full
 
 log = logging.getLogger(__name__)
+
+
+class StepLoss(NamedTuple):
+    """One batch's training loss and its parts (:meth:`ImageClassifier.step_loss`)."""
+
+    loss: torch.Tensor  # the loss the optimizer minimises: task loss (+ distillation) + regularizer terms
+    task_loss: torch.Tensor  # cross-entropy (with label smoothing / soft targets)
+    logits: torch.Tensor  # (B, num_classes)
+    terms: dict[str, torch.Tensor]  # regularizer name -> its term
+    logs: dict[str, torch.Tensor]  # other scalars of the step (distillation's kd loss, agreement)
+    mixed: bool  # mixup/CutMix was applied to this batch
 
 
 class ImageClassifier(L.LightningModule):
@@ -206,42 +217,58 @@ class ImageClassifier(L.LightningModule):
         return self.model.forward_head(feats)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch  # y: hard labels (B,); train accuracy always uses them
-        x, targets = self._mix(x, y, batch_idx) if self.mixup is not None else (x, y)
+        y = batch[1]  # hard labels (B,): train accuracy always uses them
+        step = self.step_loss(batch, batch_idx)
+        if self.mixup is not None:
+            self.log("reg/mixup", float(step.mixed), on_step=True, on_epoch=False)
+        if len(self.regularizers) or self.distill is not None:
+            self.log("train/task_loss", step.task_loss)
+        for name, term in step.terms.items():
+            self.log(f"reg/{name}", term.detach())
+        if step.logs:
+            self.log_dict(step.logs)  # train/kd_loss, train/teacher_agreement
+        self.train_acc(step.logits.detach(), y.argmax(-1) if y.ndim == 2 else y)
+        self.log("train/loss", step.loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
+        return step.loss
+
+    def step_loss(self, batch: Any, batch_idx: int) -> "StepLoss":
+        """The training loss of one batch (task loss, distillation, every regularizer term, after mixup).
+
+        No logging, no counters, no metric updates: :meth:`training_step` adds those, and
+        :func:`lit_ft.lr_finder.lr_find` calls this in its own loop without a Trainer.
+        """
+        x, y = batch
+        x, targets, mixed = self._mix(x, y, batch_idx) if self.mixup is not None else (x, y, False)
         with contextlib.ExitStack() as hooks:  # e.g. DELTA hooks the feature maps of this pass
             for reg in self.regularizers:
                 hooks.enter_context(reg.capture(self))
             feats = self.features(x)
         logits = self.head(feats)  # (B, num_classes)
         loss = task_loss = self.loss(logits, targets)
+        terms: dict[str, torch.Tensor] = {}
+        logs: dict[str, torch.Tensor] = {}
         if self.distill is not None:  # the teacher labels this very (augmented, mixed) batch
             loss, logs = self.distill.loss(self, x, logits, task_loss)
-            self.log_dict(logs)  # train/kd_loss, train/teacher_agreement
-        if len(self.regularizers) or self.distill is not None:
-            self.log("train/task_loss", task_loss)
         if len(self.regularizers):
             out = StepOutputs(x=x, y=targets, feats=feats, logits=logits, loss=task_loss)
             for name, reg in zip(self.reg_names, self.regularizers):
-                term = reg.penalty(self, out)
-                self.log(f"reg/{name}", term.detach())
-                loss = loss + term
-        self.train_acc(logits.detach(), y.argmax(-1) if y.ndim == 2 else y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
-        return loss
+                terms[name] = reg.penalty(self, out)
+                loss = loss + terms[name]
+        return StepLoss(loss, task_loss, logits, terms, logs, mixed)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy; ``targets`` are class indices (B,) or soft targets (B, C) from mixup/CutMix."""
         return F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
 
-    def _mix(self, x: torch.Tensor, y: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixup/CutMix images and targets while the Mixup option is active; logs ``reg/mixup`` (1 = on)."""
+    def _mix(self, x: torch.Tensor, y: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Mixup/CutMix images and targets while the Mixup option is active; the flag says whether it was."""
         # Cached pre-logits (B, D) of a linear-probe phase are not images: they stay unmixed.
         on = self.mixup.active(self.current_epoch) and x.ndim == 4 and y.ndim == 1
-        self.log("reg/mixup", float(on), on_step=True, on_epoch=False)
         if not on:
-            return x, y
-        return self.mixup(x, y, self.num_classes, epoch=self.current_epoch, batch=batch_idx, rank=self.global_rank)
+            return x, y, False
+        x, targets = self.mixup(x, y, self.num_classes, epoch=self.current_epoch, batch=batch_idx, rank=self.global_rank)
+        return x, targets, True
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict:
         # The logits go to callbacks' on_validation_batch_end (confusion matrix, mistakes).
