@@ -353,12 +353,13 @@ def loader_rate(dm: Any, device: str, batches: int) -> float:
     dm.setup("fit")
     loader = dm.train_dataloader()
     n, t0 = 0, time.perf_counter()
-    for i, (x, y) in enumerate(loader):
+    for i, batch in enumerate(loader):
         if i == 2:  # workers started and first batches out
             sync(device)
             n, t0 = 0, time.perf_counter()
-        x = x.to(device, non_blocking=True)
-        x = dm.batch_transform("train")(x)
+        # (images, targets) or, with batch_transforms, (uint8 images, targets, per-sample draws)
+        batch = [t.to(device, non_blocking=True) for t in batch]
+        x = dm.on_after_batch_transfer(batch, 0)[0]  # the datamodule's own on-device transform
         n += x.shape[0]
         if i >= batches + 2:
             break

@@ -175,6 +175,8 @@ class LitFTCLI(LightningCLI):
         phases = isinstance(getattr(self.model, "freeze", None), FreezeSchedule) and (
             self.model.freeze.ever_trainable() != self.model.freeze.trainable(0, 0)
         )
+        trainer_cfg = cfg.get("trainer") or {}
+        callbacks = list(trainer_cfg.get("callbacks") or [])  # Lightning extends this list in place
         trainer = super().instantiate_trainer(**kwargs)
         # Groups frozen for part of the run send no gradient then: DDP must not wait for them.
         # "ddp"-like names get their find_unused twin; "auto" only if it chose DDP (several
@@ -184,6 +186,8 @@ class LitFTCLI(LightningCLI):
             strategy != "auto" or type(trainer.strategy) is DDPStrategy
         ):
             rank_zero_info(f"lit-ft: the freeze plan changes mid-run; strategy {strategy} -> {unused}")
+            if "callbacks" in trainer_cfg:
+                trainer_cfg["callbacks"] = callbacks
             trainer = super().instantiate_trainer(**{**kwargs, "strategy": unused})
         use_atomic_checkpoints(trainer)  # a crash while saving never corrupts last.ckpt
         return trainer

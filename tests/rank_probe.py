@@ -12,6 +12,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lit_ft.callbacks import BudgetCounter
+
 from lit_ft.callbacks import GracefulInterrupt
 
 
@@ -43,7 +45,7 @@ class RankRecord(L.Callback):
             "before": self.before,
             "state_dict": _snapshot(trainer),
             "global_step": trainer.global_step,
-            "images_seen": getattr(pl_module, "images_seen", None),
+            "images_seen": next((c.images_seen for c in trainer.callbacks if isinstance(c, BudgetCounter)), None),
             "environment": type(env).__name__ if env is not None else None,
             "world_size": trainer.world_size,
             "node_rank": trainer.node_rank,
