@@ -45,6 +45,7 @@ from lit_ft.callbacks.checkpointing import (
     use_atomic_checkpoints,
 )
 from lit_ft.callbacks.interrupt import GracefulInterrupt
+from lit_ft.callbacks.lp_head import LinearProbeHead
 from lit_ft.callbacks.nan_guard import NaNGuard
 from lit_ft.config_errors import explain_parse_error
 from lit_ft.data import BaseImageDataModule
@@ -71,7 +72,9 @@ class Verb:
 
 
 # lit-ft's own commands, beside Lightning's fit/validate/test/predict.
-VERBS: dict[str, Verb] = {}
+VERBS: dict[str, Verb] = {
+    "soup": Verb("lit_ft.soup:soup_command"),
+}
 
 
 class LitFTCLI(LightningCLI):
@@ -116,6 +119,8 @@ class LitFTCLI(LightningCLI):
         # Reliability: stop on a NaN/Inf loss; save a resumable last.ckpt on SIGTERM/Ctrl-C.
         parser.add_lightning_class_args(NaNGuard, "nan_guard")
         parser.add_lightning_class_args(GracefulInterrupt, "interrupt")
+        # The head of a head-only (LP) phase, kept in checkpoints for WiSE-FT (lit-ft wise).
+        parser.add_lightning_class_args(LinearProbeHead, "lp_head")
 
     # -- errors: one message, no usage dump -------------------------------------------------
     def init_parser(self, **kwargs: Any):
