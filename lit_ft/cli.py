@@ -74,6 +74,8 @@ class Verb:
 # lit-ft's own commands, beside Lightning's fit/validate/test/predict.
 VERBS: dict[str, Verb] = {
     "soup": Verb("lit_ft.soup:soup_command"),
+    "wise": Verb("lit_ft.wise:wise_command"),
+    "robustness": Verb("lit_ft.robustness:robustness_command"),
 }
 
 
