@@ -33,7 +33,6 @@ began from the same random draw. The ``--sweep runs/<sweep> --top K`` form (ingr
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +42,10 @@ import torch
 
 from lit_ft import weight_space as W
 from lit_ft.errors import UserError
-from lit_ft.experiment import evaluate, evaluation_options
+from lit_ft.experiment import evaluation_options
 from lit_ft.models import ImageClassifier
 from lit_ft.tables import markdown, write_tables
+from lit_ft.weight_space import WeightEvaluator
 
 if TYPE_CHECKING:
     from lit_ft.cli import LitFTCLI
@@ -107,7 +107,7 @@ def check_compatible(ingredients: Sequence[Ingredient]) -> None:
             raise UserError(f"{other.path} cannot go into a soup with {first.path}: classes {_short(b)} vs {_short(a)}", hint)
         ka, kb = set(first.state), set(other.state)
         if ka != kb:
-            k = sorted(ka ^ kb)[0]
+            k = min(ka ^ kb)
             raise UserError(f"{other.path} cannot go into a soup with {first.path}: tensor {k} is only in "
                             f"{first.path if k in ka else other.path}", hint)
         for k, v in first.state.items():
@@ -219,8 +219,8 @@ def make_soup(
     ingredients = load_ingredients(checkpoints)
     model = ImageClassifier.load_from_checkpoint(ingredients[0].path, map_location="cpu", weights_only=True, pretrained=False)
     model.eval()
-    prepare_data(datamodule, model, ingredients[0].path, _classes(ingredients[0]))
-    judge = _Judge(model, datamodule, bn_batches, device, trainer_kwargs)
+    W.prepare_data(datamodule, model, ingredients[0].path, _classes(ingredients[0]))
+    judge = WeightEvaluator(model, datamodule, bn_batches, device, trainer_kwargs)
 
     for ing in ingredients:
         ing.val_acc = judge.accuracy(ing.state, recalibrate=False)
@@ -230,7 +230,7 @@ def make_soup(
     if method == "uniform":
         kept = list(ranked)
         val_acc = judge.accuracy(W.average([i.state for i in kept]), recalibrate=len(kept) > 1)
-        state = _snapshot(model)  # with its recomputed BN statistics
+        state = W.snapshot(model)  # with its recomputed BN statistics
     else:
         kept = [ranked[0]]
         state, val_acc = ranked[0].state, float(ranked[0].val_acc)
@@ -239,7 +239,7 @@ def make_soup(
             tried[ing.path] = acc
             if acc >= val_acc:
                 kept.append(ing)
-                state, val_acc = _snapshot(model), acc
+                state, val_acc = W.snapshot(model), acc
         model.load_state_dict(state)
     model.eval()
 
@@ -262,60 +262,6 @@ def make_soup(
     }
     checkpoint = W.derived_checkpoint(kept[0].checkpoint, state, "soup", provenance)
     return SoupResult(model, checkpoint, val_acc, rows, method)
-
-
-def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def prepare_data(datamodule: Any, model: ImageClassifier, ckpt: str, names: Optional[list]) -> None:
-    """Set up ``datamodule`` for the training and validation images with the checkpoint's
-    trained preprocessing (user options still win), after checking its classes."""
-    data_names = getattr(datamodule, "class_names", None)
-    if names and data_names and list(names) != list(data_names):
-        raise UserError(
-            f"{ckpt} was trained on classes {_short(list(names))} but the data has {_short(list(data_names))}",
-            "use the data the runs were trained on (same config)",
-        )
-    datamodule.set_data_config(model.data_config)
-    datamodule.setup("fit")
-    if getattr(datamodule, "val_dataset", None) is None:
-        raise UserError("the data has no validation split to judge the weights on", "set data.val_split (e.g. 0.1)")
-
-
-class _Judge:
-    """Loads a state into the model, optionally recomputes BN statistics, and validates it."""
-
-    def __init__(self, model: ImageClassifier, dm: Any, bn_batches: int, device: Any, trainer_kwargs: Mapping[str, Any]) -> None:
-        self.model, self.dm, self.bn_batches = model, dm, bn_batches
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.trainer_kwargs = dict(trainer_kwargs)
-        self.has_bn = bool(W.bn_layers(model))
-        self.seconds = 0.0
-
-    def load(self, state: Mapping[str, torch.Tensor], recalibrate: bool) -> None:
-        self.model.load_state_dict(state)
-        if recalibrate and self.bn_batches and self.has_bn:
-            start = time.perf_counter()
-            self.model.to(self.device)
-            loader = self.dm.eval_dataloader("train", limit=self.bn_batches * self.dm.eval_batch_size)
-            W.recalibrate_bn(self.model, loader, transform=self.dm.batch_transform("eval"))
-            self.model.cpu()
-            self.seconds += time.perf_counter() - start
-
-    def accuracy(self, state: Mapping[str, torch.Tensor], recalibrate: bool, split: str = "val") -> float:
-        self.load(state, recalibrate)
-        return evaluate(self.model, self.dm, split=split, **self.trainer_kwargs)[f"{split}/acc"]
-
-    def bn_description(self, n_kept: int) -> str:
-        if not self.has_bn:
-            return "none in this network"
-        if n_kept < 2:
-            return "of the single ingredient, unchanged"
-        if not self.bn_batches:
-            return "averaged (bn_batches: 0)"
-        images = min(self.bn_batches * self.dm.eval_batch_size, len(self.dm.train_dataset))
-        return f"recomputed on {images} training images"
 
 
 def _varying_hparams(ingredients: Sequence[Ingredient]) -> dict[str, dict[str, Any]]:

@@ -4,7 +4,8 @@ and writing the result as an ordinary lit-ft checkpoint.
 Owns: reading checkpoints for these operations (:func:`read_checkpoint`), :func:`average` and
 :func:`interpolate` of state dicts, :func:`recalibrate_bn` and :func:`derived_checkpoint`. The
 recipes built on them are :mod:`lit_ft.soup` (model soups) and :mod:`lit_ft.wise` (WiSE-FT);
-nothing here knows about either, and nothing here trains.
+nothing here knows about either, and nothing here trains. :class:`WeightEvaluator` (load a state,
+recompute BN statistics, validate with Lightning) and :func:`prepare_data` serve both.
 
 Why BatchNorm statistics are recomputed: the running mean/variance of an average of networks is
 not the average of their running statistics (the features the averaged layer sees are not the
@@ -31,6 +32,7 @@ from torch import nn
 
 from lit_ft.callbacks.checkpointing import atomic_save, refuse_code_pickle
 from lit_ft.errors import UserError
+from lit_ft.experiment import evaluate
 
 PathLike = Union[str, Path]
 State = dict[str, torch.Tensor]
@@ -202,3 +204,71 @@ def save_checkpoint(checkpoint: Mapping[str, Any], path: PathLike) -> Path:
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}", "choose another --out folder") from err
     return path
+
+
+# ---------------------------------------------------------------------------- judging weights
+
+
+def snapshot(model: nn.Module) -> State:
+    """A detached CPU copy of ``model``'s state dict."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def prepare_data(datamodule: Any, model: nn.Module, ckpt: str, names: Optional[Sequence[str]]) -> None:
+    """Set up ``datamodule`` for the training and validation images with the checkpoint's
+    trained preprocessing (user options still win), after checking its classes."""
+    data_names = getattr(datamodule, "class_names", None)
+    if names and data_names and list(names) != list(data_names):
+        raise UserError(
+            f"{ckpt} was trained on classes {_short(names)} but the data has {_short(data_names)}",
+            "use the data the runs were trained on (same config)",
+        )
+    datamodule.set_data_config(model.data_config)
+    datamodule.setup("fit")
+    if getattr(datamodule, "val_dataset", None) is None:
+        raise UserError("the data has no validation split to judge the weights on", "set data.val_split (e.g. 0.1)")
+
+
+class WeightEvaluator:
+    """Loads a state dict into ``model``, recomputes its BN statistics if asked, and validates it.
+
+    Args:
+        model: the classifier that holds each state in turn.
+        dm: a datamodule prepared by :func:`prepare_data`.
+        bn_batches: batches (of ``eval_batch_size`` training images) for BN statistics; 0: never.
+        device: where BN statistics are recomputed (default: CUDA if available, else CPU).
+        trainer_kwargs: options of :func:`~lit_ft.experiment.evaluate`'s quiet trainers.
+    """
+
+    def __init__(self, model: nn.Module, dm: Any, bn_batches: int, device: Any, trainer_kwargs: Mapping[str, Any]) -> None:
+        self.model, self.dm, self.bn_batches = model, dm, bn_batches
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.trainer_kwargs = dict(trainer_kwargs)
+        self.has_bn = bool(bn_layers(model))
+
+    def load(self, state: Mapping[str, torch.Tensor], recalibrate: bool) -> None:
+        self.model.load_state_dict(state)
+        if recalibrate and self.bn_batches and self.has_bn:
+            self.model.to(self.device)
+            loader = self.dm.eval_dataloader("train", limit=self.bn_batches * self.dm.eval_batch_size)
+            recalibrate_bn(self.model, loader, transform=self.dm.batch_transform("eval"))
+            self.model.cpu()
+
+    def accuracy(self, state: Mapping[str, torch.Tensor], recalibrate: bool, split: str = "val") -> float:
+        self.load(state, recalibrate)
+        return evaluate(self.model, self.dm, split=split, **self.trainer_kwargs)[f"{split}/acc"]
+
+    def bn_description(self, n_kept: int) -> str:
+        if not self.has_bn:
+            return "none in this network"
+        if n_kept < 2:
+            return "of the single ingredient, unchanged"
+        if not self.bn_batches:
+            return "averaged (bn_batches: 0)"
+        images = min(self.bn_batches * self.dm.eval_batch_size, len(self.dm.train_dataset))
+        return f"recomputed on {images} training images"
+
+
+def _short(names: Sequence[Any], n: int = 4) -> str:
+    names = list(names)
+    return "[" + ", ".join(map(str, names[:n])) + (", ..." if len(names) > n else "") + f"] ({len(names)})"

@@ -48,7 +48,6 @@ from lit_ft.errors import UserError
 from lit_ft.experiment import evaluation_options
 from lit_ft.models import ImageClassifier
 from lit_ft.robustness import robustness_report
-from lit_ft.soup import _Judge, prepare_data
 from lit_ft.tables import markdown, write_tables
 from lit_ft.weights import classifier_keys
 
@@ -101,7 +100,7 @@ def endpoints(
     net_keys = [k for k in w1 if k.startswith("model.")]
     wrong = [k for k in net_keys if k not in pre or tuple(pre[k].shape) != tuple(w1[k].shape)]
     if wrong or len(pre) != len(net_keys):
-        k = wrong[0] if wrong else sorted(set(pre) - set(net_keys))[0]
+        k = wrong[0] if wrong else min(set(pre) - set(net_keys))
         raise UserError(f"the pretrained weights do not match {path}: {k}", "was the run's backbone or pretrained setting changed?")
     lp = LinearProbeHead.from_checkpoint(checkpoint)
     if head == "lp" and lp is None:
@@ -211,8 +210,8 @@ def wise_ft(
     model = ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True, pretrained=False)
     model.eval()
     names = (ckpt.get("hyper_parameters") or {}).get("class_names")
-    prepare_data(datamodule, model, path, names)
-    judge = _Judge(model, datamodule, bn_batches, device, trainer_kwargs)
+    W.prepare_data(datamodule, model, path, names)
+    judge = W.WeightEvaluator(model, datamodule, bn_batches, device, trainer_kwargs)
 
     rows: list[dict[str, Any]] = []
     states: dict[float, dict[str, torch.Tensor]] = {}

@@ -6,14 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from lit_ft import ImageClassifier
 from lit_ft.cli import main
 from lit_ft.data.corruptions import Shift
+from lit_ft.errors import UserError
 from lit_ft.experiment import evaluate
 from lit_ft.robustness import robustness_report
-from lit_ft.errors import UserError
 from tests.helpers import tiny_data
 from tests.test_cli import TINY
 from tests.tiny_runs import pretrained_file, train_run

@@ -52,7 +52,7 @@ def test_gaussian_noise_has_the_documented_standard_deviation():
 
 def test_blur_keeps_the_mean_and_smooths_more_at_each_severity():
     x = blob(64)
-    tv = lambda t: float((t[:, 1:] - t[:, :-1]).abs().sum() + (t[:, :, 1:] - t[:, :, :-1]).abs().sum())  # noqa: E731
+    tv = lambda t: float((t[:, 1:] - t[:, :-1]).abs().sum() + (t[:, :, 1:] - t[:, :, :-1]).abs().sum())
     variations = [tv(corrupt(x, "gaussian_blur", s)) for s in SEVERITIES]
     assert all(a > b for a, b in zip([tv(x)] + variations, variations))
     for s in SEVERITIES:
@@ -185,7 +185,7 @@ def test_the_data_shift_option_corrupts_only_the_test_split():
         return dm
 
     clean, noisy = loaders(None), loaders(Shift("gaussian_noise", 5, subset=12))
-    cx, cy = next(iter(clean.test_dataloader()))
+    cx, _ = next(iter(clean.test_dataloader()))
     nx, ny = next(iter(noisy.test_dataloader()))
     assert len(noisy.test_dataloader().dataset) == 12
     index = noisy.test_dataloader().dataset.indices[0]
