@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
-from lit_ft.data.corruptions import CORRUPTIONS, SEVERITIES, Corruption, Shift
+from lit_ft.data.corruptions import CORRUPTIONS, SEVERITIES, CorruptionName, Shift
 from lit_ft.errors import UserError
 from lit_ft.experiment import evaluate, evaluation_options
 from lit_ft.tables import markdown, write_tables
@@ -165,7 +165,7 @@ def robustness_report(
 
 def robustness_command(
     cli: "LitFTCLI",
-    corruptions: Optional[list[Corruption]] = None,
+    corruptions: Optional[list[CorruptionName]] = None,
     severities: list[int] = list(SEVERITIES),
     subset: Optional[int] = None,
     seed: int = 0,

@@ -43,7 +43,7 @@ import torch
 from lit_ft import backbones as B
 from lit_ft import weight_space as W
 from lit_ft.callbacks.lp_head import LinearProbeHead
-from lit_ft.data.corruptions import SEVERITIES, Corruption
+from lit_ft.data.corruptions import SEVERITIES, CorruptionName
 from lit_ft.errors import UserError
 from lit_ft.experiment import evaluation_options
 from lit_ft.models import ImageClassifier
@@ -249,7 +249,7 @@ def wise_command(
     head: HeadPolicy = "auto",
     bn_batches: int = 32,
     robustness: bool = True,
-    corruptions: Optional[list[Corruption]] = None,
+    corruptions: Optional[list[CorruptionName]] = None,
     severities: list[int] = list(SEVERITIES),
     shift_subset: Optional[int] = 1000,
     out: Optional[str] = None,

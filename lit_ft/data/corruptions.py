@@ -55,12 +55,13 @@ from lit_ft.data.seeding import sample_seed
 from lit_ft.data.splits import stratified_sample
 from lit_ft.errors import UserError
 
-Corruption = Literal[
-    "none", "gaussian_noise", "gaussian_blur", "contrast", "brightness",
-    "rotation", "translation", "jpeg_compression", "pixelate",
+#: The corruption family, in report order.
+CorruptionName = Literal[
+    "gaussian_noise", "gaussian_blur", "contrast", "brightness", "rotation", "translation", "jpeg_compression", "pixelate",
 ]
-#: The corruptions of a robustness report, in report order (``none`` is the clean baseline).
-CORRUPTIONS: tuple[str, ...] = tuple(c for c in get_args(Corruption) if c != "none")
+#: A shift's corruption: one of the family, or ``none`` (the clean baseline on the same images).
+Corruption = Literal["none", CorruptionName]
+CORRUPTIONS: tuple[str, ...] = get_args(CorruptionName)
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 # A separate random stream per corruption (never per severity: severities are nested).
 _STREAM = {name: 1_000 + i for i, name in enumerate(get_args(Corruption))}
