@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Collection, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -117,15 +117,40 @@ def interpolate(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tenso
 
 def bn_layers(model: nn.Module) -> list[nn.Module]:
     """BatchNorm layers that keep running statistics (timm's BatchNormAct2d included)."""
-    return [
-        m for m in model.modules()
+    return list(named_bn_layers(model).values())
+
+
+def named_bn_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """:func:`bn_layers` by module name (the prefix of their state-dict keys)."""
+    return {
+        name: m for name, m in model.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
-    ]
+    }
+
+
+def shared_bn_statistics(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
+    """Names of the BN layers whose running mean and variance are bit-identical in every state.
+
+    Such a layer was in eval mode throughout every run (a frozen group, a linear-probe phase,
+    ``freeze_bn_stats``): the layers after it learnt against those fixed statistics, so an
+    average keeps them (recomputing them would change what those layers were trained on).
+    """
+    shared = []
+    for name in named_bn_layers(model):
+        keys = (f"{name}.running_mean", f"{name}.running_var")
+        if all(k in s for s in states for k in keys) and all(
+            torch.equal(s[k], states[0][k]) for s in states[1:] for k in keys
+        ):
+            shared.append(name)
+    return shared
 
 
 @torch.no_grad()
 def recalibrate_bn(
-    model: nn.Module, batches: Iterable[Any], transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    model: nn.Module,
+    batches: Iterable[Any],
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    keep: Collection[str] = (),
 ) -> int:
     """Recompute every BatchNorm layer's running statistics from ``batches``; returns how many layers.
 
@@ -141,8 +166,10 @@ def recalibrate_bn(
         batches: image tensors ``(B, C, H, W)`` or ``(images, ...)`` tuples, e.g. a datamodule's
             ``eval_dataloader("train")``; moved to the model's device.
         transform: applied to each image batch on the device (e.g. ``batch_transform("eval")``).
+        keep: names of BN layers (as in ``named_modules``) that keep their statistics: they stay
+            in eval mode during the pass (e.g. :func:`shared_bn_statistics`).
     """
-    layers = bn_layers(model)
+    layers = [m for name, m in named_bn_layers(model).items() if name not in set(keep)]
     if not layers:
         return 0
     modes = {m: m.training for m in model.modules()}
@@ -246,27 +273,39 @@ class WeightEvaluator:
         self.trainer_kwargs = dict(trainer_kwargs)
         self.has_bn = bool(bn_layers(model))
 
-    def load(self, state: Mapping[str, torch.Tensor], recalibrate: bool) -> None:
+    def load(self, state: Mapping[str, torch.Tensor], combined: Optional[Sequence[Mapping[str, torch.Tensor]]] = None) -> None:
+        """Load ``state``; if it combines the states ``combined`` (two or more), recompute the
+        statistics of the BN layers in which those differ (:func:`shared_bn_statistics` keep theirs)."""
         self.model.load_state_dict(state)
-        if recalibrate and self.bn_batches and self.has_bn:
+        if combined is not None and len(combined) > 1 and self.bn_batches and self.has_bn:
             self.model.to(self.device)
             loader = self.dm.eval_dataloader("train", limit=self.bn_batches * self.dm.eval_batch_size)
-            recalibrate_bn(self.model, loader, transform=self.dm.batch_transform("eval"))
+            keep = shared_bn_statistics(self.model, combined)
+            recalibrate_bn(self.model, loader, transform=self.dm.batch_transform("eval"), keep=keep)
             self.model.cpu()
 
-    def accuracy(self, state: Mapping[str, torch.Tensor], recalibrate: bool, split: str = "val") -> float:
-        self.load(state, recalibrate)
+    def accuracy(
+        self, state: Mapping[str, torch.Tensor], combined: Optional[Sequence[Mapping[str, torch.Tensor]]] = None, split: str = "val"
+    ) -> float:
+        """:meth:`load`, then the ``split`` accuracy (Lightning's validate/test, the classifier's metrics)."""
+        self.load(state, combined)
         return evaluate(self.model, self.dm, split=split, **self.trainer_kwargs)[f"{split}/acc"]
 
-    def bn_description(self, n_kept: int) -> str:
+    def bn_description(self, combined: Sequence[Mapping[str, torch.Tensor]], averaged: str = "averaged") -> str:
+        """How the BN statistics of a state combining ``combined`` came about, in words."""
         if not self.has_bn:
             return "none in this network"
-        if n_kept < 2:
-            return "of the single ingredient, unchanged"
+        if len(combined) < 2:
+            return "of the single run, unchanged"
+        total = len(bn_layers(self.model))
+        shared = len(shared_bn_statistics(self.model, combined))
         if not self.bn_batches:
-            return "averaged (bn_batches: 0)"
+            return f"{averaged} (bn_batches: 0)"
+        if shared == total:
+            return f"kept: the same in every run in all {total} BN layers (frozen)"
         images = min(self.bn_batches * self.dm.eval_batch_size, len(self.dm.train_dataset))
-        return f"recomputed on {images} training images"
+        kept = f"; the other {shared} were frozen (the same in every run) and kept" if shared else ""
+        return f"recomputed on {images} training images in {total - shared} of {total} BN layers{kept}"
 
 
 def _short(names: Sequence[Any], n: int = 4) -> str:

@@ -22,8 +22,9 @@ that end ruins the interpolation (wise-ft#9):
 * ``auto`` (default): ``lp`` when the checkpoint has such a head, else ``finetuned`` with a warning.
 
 BatchNorm: for ``0 < a < 1`` the running statistics are recomputed on training images, as for
-soups (``bn_batches: 0`` interpolates them instead). The ends keep their own statistics: the
-fine-tuned model's, and at ``a = 0`` the pretrained ones that the linear probe was trained with.
+soups (``bn_batches: 0`` interpolates them instead), except in BN layers the run never changed
+(frozen: the same statistics at both ends). The ends keep their own statistics: the fine-tuned
+model's, and at ``a = 0`` the pretrained ones that the linear probe was trained with.
 
 Choosing ``a``: the grid value with the best validation accuracy; with ``tolerance`` the
 smallest ``a`` within that much of the best; ties go to the smaller ``a`` (the same validation
@@ -217,7 +218,7 @@ def wise_ft(
     states: dict[float, dict[str, torch.Tensor]] = {}
     for a in grid:
         state = W.interpolate(w0, w1, a)
-        row: dict[str, Any] = {"a": a, "val_acc": judge.accuracy(state, recalibrate=0.0 < a < 1.0)}
+        row: dict[str, Any] = {"a": a, "val_acc": judge.accuracy(state, [w0, w1] if 0.0 < a < 1.0 else None)}
         states[a] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if robustness:
             report = robustness_report(model, datamodule, corruptions, severities, shift_subset, clean=False, **trainer_kwargs)
@@ -233,7 +234,7 @@ def wise_ft(
         r["chosen"] = r["a"] == chosen
     model.load_state_dict(states[chosen])
     model.eval()
-    bn = judge.bn_description(2).replace("averaged (bn_batches: 0)", "interpolated (bn_batches: 0)")
+    bn = judge.bn_description([w0, w1], averaged="interpolated")
     provenance = {
         "finetuned": path, "alpha": chosen, "chosen_by": rule, "head": head_source, "bn": bn,
         "grid": [{k: v for k, v in r.items() if k != "chosen"} for r in rows],

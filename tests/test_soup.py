@@ -88,10 +88,11 @@ def test_a_network_without_batchnorm_needs_no_recalibration_and_averages_exactly
 # --------------------------------------------------------------------------- BN recalibration
 
 
-def manual_bn_statistics(model, batches):
+def manual_bn_statistics(model, batches, keep=()):
     """Per BN layer: the mean over batches of each batch's per-channel mean and unbiased
-    variance of the layer's input, with only BN layers in train mode (what recalibration promises)."""
-    layers = W.bn_layers(model)
+    variance of the layer's input, with only BN layers (except ``keep``) in train mode (what
+    recalibration promises)."""
+    layers = [m for name, m in W.named_bn_layers(model).items() if name not in keep]
     seen = {m: [] for m in layers}
     hooks = [m.register_forward_pre_hook(lambda m, inp: seen[m].append(inp[0].detach())) for m in layers]
     model.eval()
@@ -131,6 +132,48 @@ def test_recalibrated_bn_statistics_equal_a_manual_pass_with_dropout_and_drop_pa
         torch.testing.assert_close(m.running_var, expected_var[m], rtol=1e-4, atol=1e-5)
         assert int(m.num_batches_tracked) == 4 and m.momentum == momenta[m]
     assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+def test_layers_named_in_keep_keep_their_statistics_and_the_rest_match_a_manual_pass():
+    model = tiny_model()
+    dm = tiny_data(batch_size=16)
+    dm.set_data_config(model.data_config)
+    dm.setup("fit")
+    batches = list(dm.eval_dataloader("train"))
+    names = list(W.named_bn_layers(model))
+    keep = names[: len(names) // 2]
+    with torch.no_grad():  # statistics unlike the data's, so a wrong reset would show
+        for name in keep:
+            W.named_bn_layers(model)[name].running_mean.fill_(0.3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_mean, expected_var = manual_bn_statistics(model, batches, keep=keep)
+    assert W.recalibrate_bn(model, batches, keep=keep) == len(names) - len(keep)
+    layers = W.named_bn_layers(model)
+    for name in keep:
+        for stat in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(model.state_dict()[f"{name}.{stat}"], before[f"{name}.{stat}"])
+    for name in names[len(keep):]:
+        torch.testing.assert_close(layers[name].running_mean, expected_mean[layers[name]], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layers[name].running_var, expected_var[layers[name]], rtol=1e-4, atol=1e-5)
+
+
+def test_a_soup_keeps_the_statistics_that_were_frozen_in_every_run_and_recomputes_the_rest(tmp_path, runs):
+    from lit_ft.schedules import Surgical
+
+    start = pretrained_file(runs["a"].parent)
+    plan = lambda: Surgical(groups=["layer4"])  # noqa: E731  stem, layer1-3 and their BN frozen
+    a = train_run(tmp_path, "s1", start, lr=0.05, seed=0, freeze=plan())
+    b = train_run(tmp_path, "s2", start, lr=0.02, seed=1, freeze=plan())
+    states = [torch.load(p, weights_only=True)["state_dict"] for p in (a, b)]
+    soup = make_soup([a, b], tiny_data(), "uniform", bn_batches=2, accelerator="cpu")
+    model = soup.model
+    shared = W.shared_bn_statistics(model, states)
+    assert shared and all(not n.startswith("model.layer4") for n in shared)
+    assert any(n.startswith("model.layer4") for n in W.named_bn_layers(model))
+    for name, layer in W.named_bn_layers(model).items():
+        same = torch.equal(layer.running_var, states[0][f"{name}.running_var"])
+        assert same == (name in shared), name  # frozen ones kept bit for bit, the others recomputed
+    assert f"in {len(W.bn_layers(model)) - len(shared)} of {len(W.bn_layers(model))} BN layers" in soup.checkpoint["lit_ft"]["soup"]["bn"]
 
 
 def test_the_eval_loader_serves_training_images_without_augmentation():
