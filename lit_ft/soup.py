@@ -37,6 +37,8 @@ began from the same random draw. The ``--sweep runs/<sweep> --top K`` form (ingr
 
 from __future__ import annotations
 
+import glob
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,8 +332,7 @@ def expand_paths(patterns: Union[str, Sequence[str]]) -> list[str]:
     out: list[str] = []
     for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
         if any(ch in pattern for ch in "*?["):
-            found = sorted(str(p) for p in Path().glob(pattern) if p.is_file()) if not Path(pattern).is_absolute() else sorted(
-                str(p) for p in Path("/").glob(pattern.lstrip("/")) if p.is_file())
+            found = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
             if not found:
                 raise UserError(f"no checkpoint matches {pattern}", "check the pattern (quote it so the shell leaves it alone)")
             out += found

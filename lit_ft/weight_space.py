@@ -35,6 +35,7 @@ from lit_ft.errors import UserError
 from lit_ft.experiment import evaluate
 
 PathLike = Union[str, Path]
+TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops")
 State = dict[str, torch.Tensor]
 
 # What a derived checkpoint keeps from the one it is based on: the model's arguments, lit-ft's
@@ -48,7 +49,8 @@ KEPT_KEYS = (
 
 
 def read_checkpoint(path: PathLike) -> dict[str, Any]:
-    """A lit-ft checkpoint, read with ``weights_only=True``.
+    """A lit-ft checkpoint, read with ``weights_only=True`` and memory-mapped (the optimizer and
+    loop state it may hold are left out: they are never read here, and so never loaded).
 
     Raises:
         UserError: missing, unreadable, needs code to unpickle, or not a lit-ft classifier checkpoint.
@@ -57,7 +59,10 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}", "pass .ckpt files written by lit-ft fit")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise refuse_code_pickle(path, err) from err
     except Exception as err:  # truncated files, not a torch file, ...
@@ -65,7 +70,7 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not any(k.startswith("model.") for k in state) or "hyper_parameters" not in ckpt:
         raise UserError(f"{path} is not a lit-ft checkpoint (no model weights or hyperparameters)", "pass .ckpt files written by lit-ft fit")
-    return ckpt
+    return {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
 
 
 def average(states: Sequence[Mapping[str, torch.Tensor]], weights: Optional[Sequence[float]] = None) -> State:

@@ -215,11 +215,8 @@ def wise_ft(
     judge = W.WeightEvaluator(model, datamodule, bn_batches, device, trainer_kwargs)
 
     rows: list[dict[str, Any]] = []
-    states: dict[float, dict[str, torch.Tensor]] = {}
     for a in grid:
-        state = W.interpolate(w0, w1, a)
-        row: dict[str, Any] = {"a": a, "val_acc": judge.accuracy(state, [w0, w1] if 0.0 < a < 1.0 else None)}
-        states[a] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        row: dict[str, Any] = {"a": a, "val_acc": judge.accuracy(W.interpolate(w0, w1, a), [w0, w1] if 0.0 < a < 1.0 else None)}
         if robustness:
             report = robustness_report(model, datamodule, corruptions, severities, shift_subset, clean=False, **trainer_kwargs)
             row.update(clean_test_acc=report.clean_subset_acc, mean_corruption_acc=report.mean_corruption_acc)
@@ -232,14 +229,16 @@ def wise_ft(
         rule = "best validation accuracy" + (f" within {tolerance:g}, smallest a" if tolerance else "; ties: smallest a")
     for r in rows:
         r["chosen"] = r["a"] == chosen
-    model.load_state_dict(states[chosen])
+    # Rebuilt rather than kept from the grid (one state in memory, not one per a): the BN
+    # pass is deterministic (fixed images, eval transform, no dropout), so it is the same model.
+    judge.load(W.interpolate(w0, w1, chosen), [w0, w1] if 0.0 < chosen < 1.0 else None)
     model.eval()
     bn = judge.bn_description([w0, w1], averaged="interpolated")
     provenance = {
         "finetuned": path, "alpha": chosen, "chosen_by": rule, "head": head_source, "bn": bn,
         "grid": [{k: v for k, v in r.items() if k != "chosen"} for r in rows],
     }
-    return WiseResult(model, W.derived_checkpoint(ckpt, states[chosen], "wise", provenance), chosen, rows, head_source)
+    return WiseResult(model, W.derived_checkpoint(ckpt, W.snapshot(model), "wise", provenance), chosen, rows, head_source)
 
 
 def wise_command(
