@@ -316,6 +316,8 @@ def soup_command(
             statistics are recomputed after averaging; 0 keeps the averaged statistics.
         out: the soup's checkpoint; default ``<log_dir>/soup.ckpt`` of this command's logger.
     """
+    if cli.config.get("ckpt_path"):
+        raise UserError("lit-ft soup takes its checkpoints with --ckpt, not --ckpt_path", "e.g. --ckpt '[a.ckpt, b.ckpt]'")
     result = make_soup(expand_paths(ckpt), cli.datamodule, method, bn_batches, **evaluation_options(cli.config))
     path = result.save(out or Path(cli.trainer.log_dir or ".") / "soup.ckpt")
     print(result.table(), flush=True)

@@ -257,6 +257,9 @@ def test_the_soup_command_explains_a_bad_mix_in_one_line(runs, capsys):
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert "lit-ft: error:" in err and "backbone 'test_vit' vs 'test_resnet'" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["soup", *TINY, "--ckpt_path", str(runs["a"]), "--ckpt", f"[{runs['b']}]"])
+    assert "takes its checkpoints with --ckpt, not --ckpt_path" in capsys.readouterr().err
 
 
 def test_the_soup_command_writes_checkpoint_and_table_from_a_glob(runs, tmp_path):
