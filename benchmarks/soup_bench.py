@@ -4,7 +4,7 @@ uniform and greedy model soups vs WiSE-FT, on the clean test set and under corru
     python benchmarks/soup_bench.py                  # 2 seeds x 5 ingredients; ~2.5 h on 2 CPU cores
     python benchmarks/soup_bench.py --seeds 0        # one seed (~1.2 h); run --seeds 1 later to add the other
     python benchmarks/soup_bench.py --report-only    # rebuild the section from the recorded results
-    python benchmarks/soup_bench.py --smoke          # ~10 min: tiny data, 2 ingredients, 1 seed, 2 epochs
+    python benchmarks/soup_bench.py --smoke          # ~15 min: tiny data, 2 ingredients, 1 seed, 3 epochs
                                                      # (writes runs/soup_bench_smoke/report.md, never docs/)
 
 What it does, per seed:
