@@ -56,6 +56,7 @@ from lit_ft.callbacks.checkpointing import (
     use_atomic_checkpoints,
 )
 from lit_ft.callbacks.interrupt import GracefulInterrupt
+from lit_ft.callbacks.lp_head import LinearProbeHead
 from lit_ft.callbacks.nan_guard import NaNGuard
 from lit_ft.config_errors import explain_parse_error
 from lit_ft.data import BaseImageDataModule
@@ -90,6 +91,9 @@ VERBS: dict[str, Verb] = {
     "prune": Verb("lit_ft.prune:prune_command"),
     "lr_find": Verb("lit_ft.lr_finder:lr_find_command"),
     "sweep": Verb("lit_ft.sweep:sweep_command", instantiate=False),
+    "soup": Verb("lit_ft.soup:soup_command"),
+    "wise": Verb("lit_ft.wise:wise_command"),
+    "robustness": Verb("lit_ft.robustness:robustness_command"),
 }
 
 
@@ -154,6 +158,8 @@ class LitFTCLI(LightningCLI):
         # Reliability: stop on a NaN/Inf loss; save a resumable last.ckpt on SIGTERM/Ctrl-C.
         parser.add_lightning_class_args(NaNGuard, "nan_guard")
         parser.add_lightning_class_args(GracefulInterrupt, "interrupt")
+        # The head of a head-only (LP) phase, kept in checkpoints for WiSE-FT (lit-ft wise).
+        parser.add_lightning_class_args(LinearProbeHead, "lp_head")
 
     # -- errors: one message, no usage dump -------------------------------------------------
     def init_parser(self, **kwargs: Any):

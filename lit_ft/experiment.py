@@ -177,3 +177,10 @@ def evaluate(
     run = trainer.test if split == "test" else trainer.validate
     results = run(model, datamodule=datamodule, verbose=False)
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
+def evaluation_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``accelerator`` and ``precision`` of a parsed CLI config, for :func:`evaluate`'s quiet
+    trainers (lit-ft's own commands evaluate on one device, whatever the config's strategy)."""
+    trainer = config.get("trainer") or {}
+    return {k: trainer[k] for k in ("accelerator", "precision") if trainer.get(k) is not None}

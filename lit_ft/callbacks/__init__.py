@@ -7,6 +7,7 @@ from lit_ft.callbacks.class_report import ClassReport
 from lit_ft.callbacks.confusion import ConfusionLogger
 from lit_ft.callbacks.ema import EMA, SWA, WeightAverage
 from lit_ft.callbacks.interrupt import GracefulInterrupt, TrainingInterrupted
+from lit_ft.callbacks.lp_head import LinearProbeHead
 from lit_ft.callbacks.nan_guard import NaNGuard
 from lit_ft.callbacks.plan_monitor import PlanMonitor
 from lit_ft.callbacks.predictions import PredictionWriter
@@ -17,4 +18,4 @@ from lit_ft.callbacks.throughput import throughput_monitor
 
 __all__ = ["EMA", "SWA", "WeightAverage", "BudgetCounter", "ConfusionLogger", "PlanMonitor", "PredictionWriter", "RunRecord",
            "TrainSamplesLogger", "throughput_monitor", "AtomicCheckpointIO", "GracefulInterrupt", "TrainingInterrupted",
-           "NaNGuard", "ClassReport", "GradCAMLogger", "ReliabilityLogger"]
+           "NaNGuard", "ClassReport", "GradCAMLogger", "ReliabilityLogger", "LinearProbeHead"]

@@ -17,8 +17,9 @@ from typing import Any, Callable, Literal, Mapping, Optional, Union
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from lit_ft.data.corruptions import Shift, ShiftedDataset
 from lit_ft.data.datasets import FileSource, ImageSource, TransformedDataset, collate_with_ids
 from lit_ft.data.images import IMAGE_EXTENSIONS
 from lit_ft.data.resumable import ResumableDataLoader
@@ -93,6 +94,11 @@ class BaseImageDataModule(LightningDataModule):
             and resize, crop, flip and normalise the whole batch on the training device
             (supports ``scale``, ``ratio``, ``hflip``, ``vflip``), so the CPU image pipeline is
             not the bottleneck on a GPU.
+        shift: test under distribution shift: the test split's images corrupted on the fly
+            (ImageNet-C style, deterministic), e.g. ``{corruption: gaussian_noise, severity: 3}``;
+            see :mod:`lit_ft.data.corruptions`. Only the test split changes; the attribute
+            ``shift`` is read each time a test dataloader is made, so one datamodule can serve
+            a whole grid of corruptions (:mod:`lit_ft.robustness`).
     """
 
     # Which files count as images in predict_dir and what happens to unreadable ones;
@@ -129,6 +135,7 @@ class BaseImageDataModule(LightningDataModule):
         class_names: Optional[list[str]] = None,
         predict_dir: Optional[str] = None,
         batch_transforms: bool = False,
+        shift: Optional[Shift] = None,
     ) -> None:
         super().__init__()
         train_subset, val_split = _as_count(train_subset), _as_count(val_split)
@@ -154,6 +161,7 @@ class BaseImageDataModule(LightningDataModule):
         self.grayscale_to_rgb = grayscale_to_rgb
         self.predict_dir = predict_dir
         self.batch_transforms = batch_transforms
+        self.shift = shift
         if batch_transforms and (auto_augment or color_jitter or re_prob):
             raise UserError(
                 "batch_transforms supports scale, ratio, hflip and vflip only, not auto_augment, color_jitter or re_prob",
@@ -165,6 +173,7 @@ class BaseImageDataModule(LightningDataModule):
         self._classes: Optional[list[str]] = None
         self._model_data_config: Optional[dict[str, Any]] = None
         self._resolved: Optional[dict[str, Any]] = None
+        self._eval_tf: Optional[Any] = None
         self._sources: dict[str, Any] = {}
         self._train_val: Optional[tuple[Optional[np.ndarray], Optional[np.ndarray]]] = None
         self.train_dataset: Optional[TransformedDataset] = None
@@ -353,6 +362,7 @@ class BaseImageDataModule(LightningDataModule):
                 "train": BatchTransform(self._resolved, self.augmentation if self.augment else None, self.grayscale_to_rgb),
             }
             eval_tf = train_tf = RawUint8()
+        self._eval_tf = eval_tf
         if stage in ("fit", None):
             self.train_dataset = self._dataset("train", train_tf)
             if self.train_dataset is None and stage == "fit":
@@ -431,8 +441,35 @@ class BaseImageDataModule(LightningDataModule):
         return dataset
 
     def test_dataloader(self) -> DataLoader:
-        """Test batches."""
-        return self._loader(self._require(self.test_dataset, "test", "test"), self.eval_batch_size, shuffle=False)
+        """Test batches; with :attr:`shift` set, the corrupted (sub)set it describes."""
+        dataset = self._require(self.test_dataset, "test", "test")
+        if self.shift is not None:
+            if self.batch_transforms:
+                raise UserError("data.shift corrupts normalised images, not the raw batches of batch_transforms",
+                                "set data.batch_transforms: false to test under shift")
+            dataset = ShiftedDataset(dataset, self.shift, self._resolved["mean"], self._resolved["std"], dataset.targets)
+        return self._loader(dataset, self.eval_batch_size, shuffle=False)
+
+    def eval_dataloader(self, split: Split = "train", limit: Optional[int] = None) -> DataLoader:
+        """``split``'s images under the deterministic eval transform (no augmentation), in a fixed order.
+
+        For passes that must see the data as evaluation does, e.g. recomputing BatchNorm
+        statistics on the training images after averaging weights (:mod:`lit_ft.weight_space`).
+        Call :meth:`setup` for the split first. The dataset hook is not applied; with
+        ``batch_transforms`` the batches are raw: pass them through ``batch_transform("eval")``.
+
+        Args:
+            split: ``train``, ``val`` or ``test``.
+            limit: at most this many images, a random sample drawn from ``seed`` (so that a
+                class-sorted folder still gives a mix of classes).
+        """
+        dataset = {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}.get(split)
+        dataset = self._require(dataset, split, "test" if split == "test" else "fit")
+        view: Dataset = TransformedDataset(dataset.source, dataset.indices, self._eval_tf)
+        if limit is not None and limit < len(view):
+            order = torch.randperm(len(view), generator=torch.Generator().manual_seed(self.seed))
+            view = Subset(view, sorted(order[:limit].tolist()))
+        return self._loader(view, self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         """``(images, ids)`` batches from ``predict_dir`` or the test split."""
