@@ -189,6 +189,9 @@ class LayerGroup:
             weights under PEFT, see :mod:`lit_ft.peft`): :func:`lit_ft.freezing.set_trainable`
             keeps them frozen. They stay in the group (and in its optimizer param group, built
             once) so names, checkpoints and EMA are unchanged; with no gradient they get no update.
+        no_decay: parameters of the group that take no weight decay besides those of
+            :func:`no_weight_decay_names` (PEFT's per-channel scales: (IA)^3 vectors stored as
+            ``(C, 1)``, DoRA magnitudes; decay would pull a scale that starts at 1 toward 0).
     """
 
     name: str
@@ -196,6 +199,7 @@ class LayerGroup:
     module_names: list[str] = field(default_factory=list)
     modules: list[str] = field(default_factory=list)
     fixed: list[str] = field(default_factory=list)
+    no_decay: list[str] = field(default_factory=list)
 
     def num_params(self, model: nn.Module) -> int:
         params = dict(model.named_parameters())
@@ -433,15 +437,13 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     patterns such as ViT's ``cls_token``/``pos_embed``/``reg_token``, XCiT's ``pos_embed.*``)
     plus every 1-d parameter and every ``.bias`` (norm weights, biases): the same split as
     ``timm.optim.param_groups_weight_decay`` with the model's list, so no family's token or
-    embedding names have to be known here. A vector stored with extra size-1 dimensions counts
-    as 1-d: (IA)^3's per-channel scales are ``(C, 1)`` and DoRA's conv magnitudes
-    ``(1, C, 1, 1)``; decay would pull a scale that starts at 1 toward 0.
+    embedding names have to be known here.
     """
     patterns = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     return {
         name
         for name, p in model.named_parameters()
-        if sum(s > 1 for s in p.shape) <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, pat) for pat in patterns)
+        if p.ndim <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, pat) for pat in patterns)
     }
 
 

@@ -356,8 +356,16 @@ def regroup(model: nn.Module, groups: list[LayerGroup], before: set[str], traina
         members[i].append(name)
         if i != head and origin not in trainable_base:
             fixed[i].append(name)
+    params = dict(model.named_parameters())
+    scales = [
+        [n for n in members[i] if _origin(n, hosts)[0] is None and sum(s > 1 for s in params[n].shape) <= 1]
+        for i in range(len(groups))
+    ]  # adapter vectors: (IA)^3's (C, 1) scales, DoRA's magnitudes
     new = [
-        LayerGroup(g.name, members[i], list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else "" for n in members[i])), fixed=fixed[i])
+        LayerGroup(
+            g.name, members[i], list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else "" for n in members[i])),
+            fixed=fixed[i], no_decay=scales[i],
+        )
         for i, g in enumerate(groups)
     ]
     all_names = [n for g in new for n in g.param_names]

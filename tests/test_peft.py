@@ -121,6 +121,16 @@ def test_layer_decay_scales_each_adapters_lr_by_the_depth_of_the_group_of_the_mo
     assert checked == 6 * 4 * 3  # 6 blocks x (qkv, proj, fc1, fc2) x (A, B, magnitude)
 
 
+def test_ia3_scales_take_no_weight_decay_while_lora_matrices_do():
+    for method, decayed in (("ia3", False), ("lora", True)):
+        model = tiny_model("test_efficientnet", peft=P.PEFT(method=method, r=2))
+        optimizer = model.configure_optimizers()["optimizer"]
+        decay_of = {id(p): g.get("weight_decay", 1e-4) for g in optimizer.param_groups for p in g["params"]}
+        named = dict(model.model.named_parameters())
+        adapters = P.adapter_names(model.model)
+        assert adapters and all((decay_of[id(named[n])] > 0) == decayed for n in adapters), method
+
+
 def test_ema_of_a_lora_model_keeps_the_base_weights_and_averages_the_adapters(tmp_path):
     model = tiny_model("test_vit", peft=P.PEFT(r=2))
     before = params(model)
