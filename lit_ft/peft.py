@@ -50,11 +50,11 @@ CONFIG_FILE = "lit_ft_adapter.json"
 # has groups > 1, which peft's LoRA cannot merge). EfficientNet/MobileNet: the 1x1 expansion and
 # projection convs and the head conv (depthwise convs: same reason). ResNet: the block convs.
 # Any other family: every adaptable Linear/Conv2d outside the first group (the stem) and the head.
-VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+VIT_TARGETS = ["attn.qkv", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.proj", "mlp.fc1", "mlp.fc2"]
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    **dict.fromkeys(["VisionTransformer", "Eva", "Beit", "VisionTransformerDistilled", "DeiT"], VIT_TARGETS),
+    **{k: VIT_TARGETS for k in ("VisionTransformer", "Eva", "Beit", "SwinTransformer", "SwinTransformerV2")},
     "ConvNeXt": ["mlp.fc1", "mlp.fc2"],
-    **dict.fromkeys(["EfficientNet", "MobileNetV3"], ["blocks.*.conv_pw", "blocks.*.conv_pwl", "blocks.*.conv_exp", "blocks.*.conv", "conv_head"]),
+    **{k: ["blocks.*.conv_pw", "blocks.*.conv_pwl", "blocks.*.conv_exp", "blocks.*.conv", "conv_head"] for k in ("EfficientNet", "MobileNetV3")},
     "ResNet": ["layer*.conv1", "layer*.conv2", "layer*.conv3"],
 }
 
@@ -168,7 +168,8 @@ def _group_of_params(groups: list[LayerGroup]) -> dict[str, int]:
 
 def body_modules(model: nn.Module, groups: list[LayerGroup], with_bias: bool = False) -> dict[str, nn.Module]:
     """Modules whose own parameters lie in body groups (not the head), by name, in model order:
-    adaptable ones, or (``with_bias``) any that owns a ``bias`` parameter."""
+    adaptable ones that the forward pass calls (:func:`called_modules`), or (``with_bias``) any
+    that owns a ``bias`` parameter."""
     where = _group_of_params(groups)
     head = len(groups) - 1
     out: dict[str, nn.Module] = {}
@@ -178,7 +179,34 @@ def body_modules(model: nn.Module, groups: list[LayerGroup], with_bias: bool = F
             continue
         if (with_bias and isinstance(getattr(m, "bias", None), nn.Parameter)) or (not with_bias and adaptable(m)):
             out[name] = m
+    if not with_bias:
+        called = called_modules(model, out)
+        out = {n: m for n, m in out.items() if n in called}
     return out
+
+
+def called_modules(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
+    """Which of ``modules`` a forward pass of ``model`` calls (one image of the model's input
+    size, eval mode, no gradient, a private generator: no state or RNG changes). An adapter
+    lives in its module's ``forward``; a parent that reads the weight itself bypasses it: timm's
+    EVA and BEiT compute ``F.linear(x, self.qkv.weight, qkv_bias)`` when q and v have their own
+    biases, so a LoRA on their ``qkv`` would train nothing and merge into something else."""
+    from lit_ft.backbones import data_config
+
+    seen: set[str] = set()
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: seen.add(name)) for name, m in modules.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        size = tuple(data_config(model)["input_size"])
+        x = torch.randn((1, *size), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model(x.to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return seen
 
 
 def default_targets(model: nn.Module, groups: list[LayerGroup]) -> list[str]:
@@ -238,6 +266,9 @@ def _no_target(model: nn.Module, groups: list[LayerGroup], pattern: str, candida
         params = [f"{n}.{p}" for p, _ in m.named_parameters()]
         if params and all(where.get(p) == len(groups) - 1 for p in params):
             why = f"; {n} is the classifier, which always trains fully"
+        elif adaptable(m) and not bitfit:
+            why = (f"; the forward pass never calls {n} (its parent reads {n}.weight itself), so an adapter "
+                   "there would be bypassed")
         elif isinstance(m, nn.Conv2d) and m.groups > 1:
             why = f"; {n} is a grouped/depthwise conv (groups={m.groups}): peft cannot merge an adapter into it"
         elif not bitfit:
@@ -306,21 +337,18 @@ def adapt(config: PEFT, model: nn.Module, groups: list[LayerGroup]) -> list[Laye
         assert adapted == set(targets), f"peft adapted {sorted(adapted ^ set(targets))[:3]} unexpectedly"
         trainable_base = set()
     new = regroup(model, groups, before, trainable_base)
-    for g in new:
-        fixed = set(g.fixed)
-        for n, p in model.named_parameters():
-            if n in g.param_names:
-                p.requires_grad_(n not in fixed)
+    fixed = set(fixed_names(new))
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in fixed)
     return new
 
 
 def tuner_layers(model: nn.Module) -> dict[str, nn.Module]:
     """peft's layers in ``model`` (the adapted modules), by name."""
     try:
-        import peft  # noqa: F401  (not installed: no adapters)
-    except ImportError:  # pragma: no cover
+        cls = _tuner_layer_class()
+    except UserError:  # pragma: no cover - peft not installed: no model holds its layers
         return {}
-    cls = _tuner_layer_class()
     return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
 
 
@@ -415,11 +443,13 @@ def merge(model: nn.Module) -> nn.Module:
     layer API.) BitFit's trained biases are already in the model: it is copied as is.
     """
     merged = copy.deepcopy(_network(model))
-    for name, layer in sorted(tuner_layers(merged).items(), key=lambda kv: kv[0].count(".")):
-        if not any(name.startswith(o + ".") for o in tuner_layers(merged) if o != name):  # outermost only
-            layer.merge(safe_merge=True)  # raises on NaN/inf in the merged weight
-            parent, _, child = name.rpartition(".")
-            setattr(merged.get_submodule(parent) if parent else merged, child, layer.get_base_layer())
+    layers = tuner_layers(merged)
+    for name, layer in layers.items():
+        if any(name.startswith(other + ".") for other in layers):  # inside another peft layer: merged with it
+            continue
+        layer.merge(safe_merge=True)  # peft's arithmetic; raises on NaN/inf in the merged weight
+        parent, _, child = name.rpartition(".")
+        setattr(merged.get_submodule(parent) if parent else merged, child, layer.get_base_layer())
     if hasattr(merged, "peft_config"):  # peft records its config on the model it adapted
         del merged.peft_config
     merged.requires_grad_(True)

@@ -207,13 +207,24 @@ def test_adapters_of_a_randomly_initialised_base_are_refused_with_a_hint(tmp_pat
         ("test_vit", "head", "head is the classifier, which always trains fully", "attn.qkv"),
         ("test_efficientnet", "conv_dw", "grouped/depthwise conv (groups=", "conv_pw"),
         ("test_efficientnet", "blocks.0.0", "blocks.0.0 is a ConvBnAct: target its blocks.0.0.conv", "blocks.conv"),
+        ("eva02_tiny_patch14_224", "attn.qkv", "the forward pass never calls blocks.0.attn.qkv (its parent reads "
+         "blocks.0.attn.qkv.weight itself)", "attn.proj"),
     ],
-    ids=["unknown", "head", "depthwise", "container"],
+    ids=["unknown", "head", "depthwise", "container", "bypassed"],
 )
 def test_a_target_module_that_cannot_be_adapted_is_one_clear_error_listing_candidates(backbone, target, problem, hint):
     with pytest.raises(UserError) as err:
         tiny_model(backbone, peft=P.PEFT(target_modules=[target]))
     assert problem in err.value.problem and hint in err.value.hint
+
+
+def test_default_targets_leave_out_a_module_whose_parent_bypasses_its_forward():
+    # EVA computes F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias)): a LoRA on qkv would
+    # train nothing and then merge into the weight, changing the model.
+    model = tiny_model("eva02_tiny_patch14_224", peft=P.PEFT(r=2))
+    adapted = P.tuner_layers(model.model)
+    assert adapted and not [n for n in adapted if n.endswith("qkv")]
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == {"proj", "fc1", "fc2"}
 
 
 def test_an_unknown_target_from_the_command_line_is_one_line_and_a_hint(capsys):
