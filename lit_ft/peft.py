@@ -36,7 +36,7 @@ from typing import Any, Iterable, Literal, Optional, Union
 import torch
 from torch import nn
 
-from lit_ft.backbones import LayerGroup, module_owners
+from lit_ft.backbones import LayerGroup, data_config, module_owners
 from lit_ft.errors import UserError
 
 Method = Literal["lora", "dora", "ia3", "bitfit"]
@@ -191,8 +191,6 @@ def called_modules(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
     lives in its module's ``forward``; a parent that reads the weight itself bypasses it: timm's
     EVA and BEiT compute ``F.linear(x, self.qkv.weight, qkv_bias)`` when q and v have their own
     biases, so a LoRA on their ``qkv`` would train nothing and merge into something else."""
-    from lit_ft.backbones import data_config
-
     seen: set[str] = set()
     hooks = [m.register_forward_hook(lambda mod, args, out, name=name: seen.add(name)) for name, m in modules.items()]
     was_training = model.training
@@ -209,14 +207,14 @@ def called_modules(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
     return seen
 
 
-def default_targets(model: nn.Module, groups: list[LayerGroup]) -> list[str]:
-    """The family's default target globs, or every adaptable module outside the stem (the
-    first group: a 3-channel input conv has nothing to compress) and the head."""
+def default_targets(model: nn.Module, groups: list[LayerGroup], candidates: dict[str, nn.Module]) -> list[str]:
+    """The family's default target globs, or every candidate (:func:`body_modules`) outside the
+    stem (the first group: a 3-channel input conv has nothing to compress)."""
     for cls in type(model).__mro__:
         if cls.__name__ in DEFAULT_TARGETS:
             return list(DEFAULT_TARGETS[cls.__name__])
     stem = set(groups[0].param_names) if len(groups) > 2 else set()
-    return [n for n, m in body_modules(model, groups).items() if not any(f"{n}.{p}" in stem for p, _ in m.named_parameters(recurse=False))]
+    return [n for n, m in candidates.items() if not any(f"{n}.{p}" in stem for p, _ in m.named_parameters(recurse=False))]
 
 
 def resolve_targets(model: nn.Module, groups: list[LayerGroup], patterns: Optional[list[str]], bitfit: bool = False) -> list[str]:
@@ -224,12 +222,13 @@ def resolve_targets(model: nn.Module, groups: list[LayerGroup], patterns: Option
 
     Raises:
         UserError: a pattern matches no adaptable module (naming the candidates, and why a module
-            of that name cannot be adapted: the head, a ``ConvNormAct`` container, a depthwise conv).
+            of that name cannot be adapted: the head, a ``ConvNormAct`` container, a depthwise
+            conv, a module the forward pass never calls).
     """
     candidates = body_modules(model, groups, with_bias=bitfit)
     if bitfit and patterns is None:  # BitFit: every bias of the body
         return list(candidates)
-    chosen = patterns if patterns is not None else default_targets(model, groups)
+    chosen = patterns if patterns is not None else default_targets(model, groups, candidates)
     out: set[str] = set()
     for pattern in chosen:
         hit = [n for n in candidates if _matches(n, pattern)]

@@ -135,11 +135,17 @@ def test_ema_of_a_lora_model_keeps_the_base_weights_and_averages_the_adapters(tm
     model = tiny_model("test_vit", peft=P.PEFT(r=2))
     before = params(model)
     ema = EMA(decay=0.5)
-    trainer(tmp_path, max_epochs=2, callbacks=[ema]).fit(model, tiny_data())
+    t = trainer(tmp_path, max_epochs=2, callbacks=[ema])
+    t.fit(model, tiny_data())
     after = params(model)  # the averaged weights, after training
     fixed = P.fixed_names(model.groups)
     assert all(torch.equal(before[n], after[n]) for n in fixed)
     assert all(not torch.equal(before[n], after[n]) for n in P.adapter_names(model.model))
+    # A model built from Python keeps its PEFT config in the checkpoint as plain data.
+    t.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = ImageClassifier.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
+    assert loaded.peft == model.peft and P.tuner_layers(loaded.model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 # ----------------------------------------------------------------------------- merging, files
@@ -227,6 +233,18 @@ def test_default_targets_leave_out_a_module_whose_parent_bypasses_its_forward():
     assert {n.rsplit(".", 1)[-1] for n in adapted} == {"proj", "fc1", "fc2"}
 
 
+def test_a_family_without_defaults_gets_every_linear_and_conv_outside_the_stem_and_head():
+    model = tiny_model("test_byobnet", peft=P.PEFT(r=2))
+    adapted = set(P.tuner_layers(model.model))
+    stem, head = model.groups[0], model.groups[-1]
+    assert stem.name == "stem" and len(adapted) > 10
+    owners = lambda g: {n.rsplit(".", 1)[0].replace(".base_layer", "") for n in g.param_names}  # noqa: E731
+    assert not adapted & (owners(stem) | owners(head))
+    plain = [n for n, m in model.model.named_modules()  # ungrouped convs left without an adapter
+             if type(m) is nn.Conv2d and m.groups == 1 and ".lora_" not in n and not n.endswith(".base_layer")]
+    assert plain and set(plain) <= owners(stem)  # only the stem's
+
+
 def test_an_unknown_target_from_the_command_line_is_one_line_and_a_hint(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", *TINY, "--model.backbone", "test_vit", "--model.peft", "{method: lora, target_modules: [q_proj]}"])
@@ -268,6 +286,8 @@ def test_cli_fit_shows_the_adapter_fraction_and_test_from_the_checkpoint_rebuild
     state = torch.load(last, weights_only=True)["state_dict"]
     assert all(torch.equal(v, state[k]) for k, v in tested.model.state_dict().items())
     assert "test/acc" in tested.trainer.callback_metrics
+    loaded = ImageClassifier.load_from_checkpoint(last, weights_only=True)  # from Python, too
+    assert loaded.peft == tested.model.peft and all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
     # Its weights as `pretrained` for a new run: a clear error, not a key-mismatch trace.
     with pytest.raises(UserError, match="holds a model with PEFT adapters"):
         ImageClassifier("test_vit", num_classes=4, pretrained=str(last))
