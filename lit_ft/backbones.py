@@ -191,6 +191,13 @@ class LayerGroup:
         modules: every module the group owns, by :func:`module_owners`' rule, including the
             parameterless ones (Dropout, DropPath, BatchNorm without affine weights): freezing
             the group puts all of them in eval mode.
+        fixed: parameters of the group that never train, whatever the freeze plan says (the base
+            weights under PEFT, see :mod:`lit_ft.peft`): :func:`lit_ft.freezing.set_trainable`
+            keeps them frozen. They stay in the group (and in its optimizer param group, built
+            once) so names, checkpoints and EMA are unchanged; with no gradient they get no update.
+        no_decay: parameters of the group that take no weight decay besides those of
+            :func:`no_weight_decay_names` (PEFT's per-channel scales: (IA)^3 vectors stored as
+            ``(C, 1)``, DoRA magnitudes; decay would pull a scale that starts at 1 toward 0).
     """
 
     name: str
@@ -198,12 +205,19 @@ class LayerGroup:
     module_names: list[str] = field(default_factory=list)
     modules: list[str] = field(default_factory=list)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    fixed: list[str] = field(default_factory=list)
+    no_decay: list[str] = field(default_factory=list)
 
     def num_params(self, model: nn.Module) -> int:
         if self.shapes:  # as built: under FSDP a live parameter is this rank's flat shard
             return sum(math.prod(self.shapes[n]) for n in self.param_names)
         params = named_parameters(model)
         return sum(params[n].numel() for n in self.param_names)
+
+    def num_trainable(self, model: nn.Module) -> int:
+        """Parameters the group trains when the plan trains it (all but :attr:`fixed`)."""
+        params, fixed = dict(model.named_parameters()), set(self.fixed)
+        return sum(params[n].numel() for n in self.param_names if n not in fixed)
 
 
 # Wrappers that insert a segment into parameter/module names: FSDP's per-block units as

@@ -18,15 +18,18 @@ from lit_ft.backbones import LayerGroup, bn_modules, named_modules, named_parame
 def set_trainable(model: nn.Module, groups: Sequence[LayerGroup], trainable: Iterable[int], train_bn: bool) -> None:
     """Make exactly the groups in ``trainable`` require grad.
 
-    With ``train_bn`` the BatchNorm parameters of frozen groups keep training too.
+    With ``train_bn`` the BatchNorm parameters of frozen groups keep training too. A group's
+    :attr:`~lit_ft.backbones.LayerGroup.fixed` parameters (PEFT's base weights) never do: the
+    plan decides which groups train, the PEFT method which of their parameters can.
     """
     trainable = set(trainable)
     params = named_parameters(model)  # also through FSDP's per-block wrappers
     bn_params = _bn_param_names(model, groups) if train_bn else set()
     for i, group in enumerate(groups):
         on = i in trainable
+        fixed = set(group.fixed)
         for name in group.param_names:
-            params[name].requires_grad_(on or name in bn_params)
+            params[name].requires_grad_((on or name in bn_params) and name not in fixed)
 
 
 def set_modes(

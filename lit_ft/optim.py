@@ -80,7 +80,7 @@ def build_param_groups(
 
     ``no_decay``: the parameter names without weight decay; default the model's own
     (:func:`lit_ft.backbones.no_weight_decay_names`: its ``no_weight_decay()`` tokens,
-    biases and norm weights).
+    biases and norm weights) plus each group's :attr:`~lit_ft.backbones.LayerGroup.no_decay`.
 
     Each dict has ``params``, ``name``, ``layer_group`` (index), ``lr_scale``; no-decay groups
     also carry ``weight_decay=0``. Empty groups are left out. Every trainable-or-not
@@ -89,7 +89,8 @@ def build_param_groups(
     """
     params = named_parameters(model)  # also through FSDP's per-block wrappers
     shapes = {n: s for g in groups for n, s in g.shapes.items()}  # as built, not FSDP's flat shards
-    skip = (no_weight_decay_names(model, shapes) if no_decay is None else no_decay) if split_no_decay else set()
+    own = {n for g in groups for n in g.no_decay}  # e.g. PEFT's scales that start at 1
+    skip = ((no_weight_decay_names(model, shapes) | own) if no_decay is None else no_decay) if split_no_decay else set()
     out: list[dict] = []
     for i, (group, scale) in enumerate(zip(groups, scales, strict=True)):
         decay = [params[n] for n in group.param_names if n not in skip]

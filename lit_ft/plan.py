@@ -151,23 +151,29 @@ def plan_table(
     params: Sequence[int],
     lrs: Sequence[Optional[float]],
     weight_decays: Sequence[Optional[float]],
+    trainable: Optional[Sequence[int]] = None,
+    notes: Sequence[str] = (),
 ) -> str:
-    """The plan as a text table: per layer group, parameters, peak LR, weight decay, start."""
-    rows = [("group", "params", "lr", "weight_decay", "trains from")]
+    """The plan as a text table: per layer group, parameters, peak LR, weight decay, start.
+
+    ``trainable``: per group, the parameters it trains when the plan trains it (a PEFT model's
+    adapters, biases, head), shown as a column beside ``params``; ``notes``: lines after the table.
+    """
+    rows = [("group", "params") + (("trainable",) if trainable is not None else ()) + ("lr", "weight_decay", "trains from")]
     for i, g in enumerate(groups):
         rows.append(
-            (
-                g.name,
-                f"{params[i]:,}",
+            (g.name, f"{params[i]:,}")
+            + ((f"{trainable[i]:,}",) if trainable is not None else ())
+            + (
                 f"{lrs[i]:.3g}" if lrs[i] is not None else "-",
                 f"{weight_decays[i]:.3g}" if weight_decays[i] is not None else "-",
-                plan.when(i),
+                plan.when(i) if trainable is None or trainable[i] else "never (fixed)",
             )
         )
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    return f"lit-ft plan: {plan.schedule!r}\n" + "\n".join(lines)
+    return f"lit-ft plan: {plan.schedule!r}\n" + "\n".join([*lines, *notes])
 
 
 def run_length(trainer: L.Trainer, plan: TrainingPlan, interval: str) -> Optional[int]:

@@ -354,6 +354,13 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], origin: str
     missing = [k for k in target if k not in usable]
     unexpected = [k for k in state_dict if k not in target]
     missing_body = [k for k in missing if k not in head and not k.endswith("num_batches_tracked")]
+    adapted = [k for k in unexpected if ".base_layer." in k]
+    if adapted:  # peft's layers rename what they wrap: `blocks.0.attn.qkv.base_layer.weight`
+        raise UserError(
+            f"{origin} holds a model with PEFT adapters (e.g. {adapted[0]}), not plain {type(model).__name__} weights",
+            "fine-tune from its merged model instead (lit_ft.peft.merge, saved as a weights file), or continue that "
+            "run with the same model.peft and --ckpt_path",
+        )
     if missing_body or unexpected:
         parts = []
         if missing_body:

@@ -6,6 +6,8 @@ starts the second rank by re-running this script. MODE:
 - ``gradual``: gradual unfreezing, groups unfrozen mid-run (DDP must still sync them).
 - ``regularized``: full fine-tuning with L2-SP, DELTA (with channel attention), BSS, mixup and
   an EMA of the weights; each rank also saves the EMA average.
+- ``peft``: LoRA after a linear-probe epoch (FreezeUnfreeze), with an EMA; the adapters join
+  the DDP reducer up front although they start frozen.
 - ``callbacks``: 2 epochs with validation and TensorBoard; each rank saves the budget counter's
   images and the validation confusion matrix (tests/test_budget.py).
 - ``distill``: knowledge distillation from ``OUT_DIR/teacher.ckpt`` (written by the test) with
@@ -40,6 +42,17 @@ def main(mode: str, out: Path) -> None:
             mixup=Mixup(mixup_alpha=0.2, cutmix_alpha=1.0),
         )
         callbacks.append(EMA(decay=0.9))
+    elif mode == "peft":
+        from lit_ft.peft import PEFT
+        from lit_ft.schedules import FreezeUnfreeze
+
+        model = tiny_model(peft=PEFT(method="lora", r=4), freeze=FreezeUnfreeze(epochs=1))
+        with torch.no_grad():  # timm zero-inits each block's last BN scale, which would hide its adapters
+            gen = torch.Generator().manual_seed(0)
+            for m in model.model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+        callbacks.append(EMA(decay=0.9))
     elif mode == "callbacks":
         budget, confusion = BudgetCounter(), ConfusionLogger(misclassified=0)
         model = tiny_model()
@@ -57,7 +70,7 @@ def main(mode: str, out: Path) -> None:
     before = snapshot(model)
     # A plan with frozen phases needs DDP to look for unused parameters (lit-ft refuses plain
     # "ddp" then; its CLI picks this strategy by itself).
-    strategy = "ddp_find_unused_parameters_true" if mode in ("gradual", "distill") else "ddp"
+    strategy = "ddp_find_unused_parameters_true" if mode in ("gradual", "distill", "peft") else "ddp"
     trainer = make_trainer(out, devices=2, strategy=strategy, max_epochs=4, deterministic=False, limit_val_batches=0,
                            callbacks=callbacks)
     # Shuffled, per-rank shards: ranks see different data, so only all-reduce keeps them equal.

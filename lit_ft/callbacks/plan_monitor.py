@@ -1,7 +1,8 @@
 """What the training plan does at each step, in TensorBoard: each layer group's learning rate
-(``lr/<group>``) and the number of parameters that train (``trainable_params``).
+(``lr/<group>``) and the number of parameters that train (``trainable_params``, and as a fraction
+of the model's, ``trainable_fraction``: a PEFT run's adapter share, a gradual unfreezing's steps).
 
-Owns those two tags. It reads the optimizer's param groups (their ``name``, ``layer_group``
+Owns those tags. It reads the optimizer's param groups (their ``name``, ``layer_group``
 and ``lr``, as :func:`lit_ft.optim.build_param_groups` made them) and ``requires_grad``;
 it never changes an LR or a freeze state and never reads the module's private state.
 
@@ -30,7 +31,8 @@ class PlanMonitor(Callback):
 
     Args:
         enabled: log at all.
-        trainable_params: also log the number of parameters that require grad.
+        trainable_params: also log the number of parameters that require grad, and their fraction
+            of all the model's parameters.
     """
 
     def __init__(self, enabled: bool = True, trainable_params: bool = True) -> None:
@@ -43,8 +45,11 @@ class PlanMonitor(Callback):
         for name, lr in layer_group_lrs(optimizer.param_groups).items():
             pl_module.log(f"lr/{name}", lr, on_step=True, on_epoch=False, batch_size=1)
         if self.trainable_params:
-            count = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            count = sum(p.numel() for p in params if p.requires_grad)
             pl_module.log("trainable_params", float(count), on_step=True, on_epoch=False, batch_size=1)
+            total = sum(p.numel() for p in params)
+            pl_module.log("trainable_fraction", count / max(total, 1), on_step=True, on_epoch=False, batch_size=1)
 
 
 def layer_group_lrs(param_groups: list[dict]) -> dict[str, float]:

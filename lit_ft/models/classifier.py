@@ -34,6 +34,7 @@ from torchmetrics.classification import (
 
 from lit_ft import backbones as B
 from lit_ft import optim as O
+from lit_ft import peft as P
 from lit_ft.errors import UserError
 from lit_ft.data.seeding import sample_seed
 from lit_ft.distill import Distillation
@@ -90,6 +91,9 @@ class ImageClassifier(L.LightningModule):
         scheduler_monitor: metric for ReduceLROnPlateau.
         freeze: the freeze plan (``lit_ft.schedules``): Full (default), LinearProbe,
             FreezeUnfreeze, Gradual, Milestones, LPFT, Surgical.
+        peft: parameter-efficient fine-tuning (``lit_ft.peft.PEFT``), e.g. ``{method: lora, r: 8}``:
+            the backbone's weights never train; LoRA/DoRA/(IA)^3 adapters (or, for BitFit, the
+            biases) do, inside their layer groups, so the freeze plan and the LR options act on them.
         group_granularity: layer groups from timm's ``group_matcher``: ``coarse`` = stages,
             ``fine`` = blocks.
         lr_mult: explicit lr multipliers by layer-group name or index (``-1`` = head).
@@ -129,6 +133,7 @@ class ImageClassifier(L.LightningModule):
         scheduler_interval: Literal["step", "epoch"] = "step",
         scheduler_monitor: str = "val/loss",
         freeze: Optional[FreezeSchedule] = None,
+        peft: Optional[P.PEFT] = None,
         group_granularity: B.Granularity = "coarse",
         lr_mult: Optional[dict[Union[str, int], float]] = None,
         layer_decay: Optional[float] = None,
@@ -147,10 +152,18 @@ class ImageClassifier(L.LightningModule):
         # plan objects are left out so checkpoints stay loadable with weights_only=True.
         from_cli = _given_hyperparameters.get() is not None
         self.save_hyperparameters(
-            ignore=None if from_cli else ["optimizer", "lr_scheduler", "freeze", "regularizers", "mixup", "distill"]
+            ignore=["peft"] if from_cli else ["optimizer", "lr_scheduler", "freeze", "regularizers", "mixup", "distill", "peft"]
         )
+        # PEFT goes into hparams as plain data, with the base weights' source recorded: a model
+        # rebuilt from a checkpoint (pretrained: false) still knows what its adapters apply to.
+        self.peft = P.PEFT.coerce(peft, base=pretrained)
+        if self.peft is not None:
+            self.save_hyperparameters({"peft": self.peft.to_dict()})
         self.num_classes, self.class_names = _classes(num_classes, class_names)
         self.model = B.create_backbone(backbone, self.num_classes, pretrained, drop_rate, drop_path_rate, head_init)
+        self.groups = B.layer_groups(self.model, group_granularity)
+        if self.peft is not None:  # adapters join their modules' groups; the base weights become `fixed`
+            self.groups = P.adapt(self.peft, self.model, self.groups)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         if grad_checkpointing:
@@ -159,7 +172,6 @@ class ImageClassifier(L.LightningModule):
             raise UserError(f"cache_views must be >= 0, got {cache_views}", "0 = deterministic inputs only")
         self.feature_cache = FeatureCache(feature_cache_dir, cache_views) if cache_features else None
         self.data_config = B.data_config(self.model)  # the transforms' defaults; a checkpoint's replace it
-        self.groups = B.layer_groups(self.model, group_granularity)
         self.freeze = (freeze or Full()).bind([g.name for g in self.groups])
         self.runner = PlanRunner(self.model, self.groups, self.freeze)
         # Regularizers capture their starting points now, from the pretrained weights; a resumed
@@ -402,6 +414,8 @@ class ImageClassifier(L.LightningModule):
         return plan_table(
             self.plan or TrainingPlan(self.freeze), self.groups, [g.num_params(self.model) for g in self.groups],
             [lrs.get(i) for i in n], [wds.get(i) for i in n],
+            trainable=[g.num_trainable(self.model) for g in self.groups] if self.peft else None,
+            notes=[P.summary(self.model, self.groups, self.peft)] if self.peft else (),
         )
 
     # ------------------------------------------------------------------ checkpoint state

@@ -31,6 +31,11 @@ class L2SP(Regularizer):
     nothing and sit at their anchor anyway). Prefer ``weight_decay: 0`` on the backbone: decay
     pulls toward zero, L2-SP toward the starting point.
 
+    With ``model.peft`` the backbone's weights never train, so there is nothing to anchor: L2SP
+    refuses LoRA/DoRA/(IA)^3 (their adapters have no pretrained value; weight decay on LoRA's A and
+    B already pulls the update toward 0, i.e. toward the pretrained weights) and, under BitFit,
+    anchors only the biases that train.
+
     Args:
         alpha: weight of the pull toward the pretrained weights.
         beta: weight of the plain L2 penalty on the head (0 = none).
@@ -55,13 +60,24 @@ class L2SP(Regularizer):
 
     def bind(self, module: "ImageClassifier") -> None:
         head = len(module.groups) - 1
+        peft = getattr(module, "peft", None)
+        if peft is not None and peft.method != "bitfit":
+            raise UserError(
+                f"L2SP pulls the backbone's weights toward their pretrained values, but with model.peft "
+                f"({peft.method}) those weights never train (only the adapters do): the penalty would be 0",
+                "remove L2SP from model.regularizers; weight decay on the adapters already pulls the adapted model "
+                "toward the pretrained one (it shrinks LoRA's update B A toward 0)",
+            )
         indices = group_indices(module, self.groups, backbone_groups(module))
         if head in indices:
             raise UserError(
                 "L2SP cannot anchor the head: it is new, it has no pretrained value",
                 "leave `head`/-1 out of L2SP.groups; use beta for an L2 penalty on the head",
             )
+        fixed = {n for i in indices for n in module.groups[i].fixed}  # never train (PEFT's base weights)
         for name, p in group_params(module, indices):
+            if name in fixed:
+                continue
             self.register_buffer(self.buffer_name(name), p.detach().clone())
             self._anchored.append(name)
         self._head = [n for n, _ in group_params(module, [head])]
