@@ -44,7 +44,6 @@ def main(mode: str, out: Path) -> None:
         callbacks.append(EMA(decay=0.9))
     elif mode == "peft":
         from lit_ft.peft import PEFT
-        from lit_ft.schedules import FreezeUnfreeze
 
         model = tiny_model(peft=PEFT(method="lora", r=4), freeze=FreezeUnfreeze(epochs=1))
         with torch.no_grad():  # timm zero-inits each block's last BN scale, which would hide its adapters
