@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import docstring_parser
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
@@ -116,7 +117,15 @@ class LitFTCLI(LightningCLI):
             # A run's saved config.yaml has this key from `fit`; lit-ft's commands always read
             # checkpoints with weights_only=True, so it is accepted and ignored.
             parser.add_argument("--weights_only", type=Optional[bool], default=None, help="ignored (always true)")
-            parser.add_function_arguments(verb.function(), nested_key=None, skip={"cli"})
+            fn = verb.function()
+            # A list of strings (e.g. soup's checkpoints) is typed as on a shell: --ckpt a.ckpt b.ckpt.
+            lists = [p for p in inspect.signature(fn).parameters.values() if str(p.annotation).startswith("list[str]")]
+            parser.add_function_arguments(fn, nested_key=None, skip={"cli", *(p.name for p in lists)})
+            docs = {d.arg_name: d.description for d in docstring_parser.parse(inspect.getdoc(fn) or "").params}
+            for p in lists:
+                required = p.default is inspect.Parameter.empty
+                parser.add_argument(f"--{p.name}", type=str, nargs="+", required=required,
+                                    default=None if required else p.default, help=docs.get(p.name))
         parser.link_arguments("data", "model.num_classes", compute_fn=_num_classes, apply_on="instantiate")
         parser.link_arguments("data", "model.class_names", compute_fn=_class_names, apply_on="instantiate")
         # Two stock ModelCheckpoints in one folder: the best epoch, and last.ckpt = the latest epoch
@@ -202,6 +211,8 @@ class LitFTCLI(LightningCLI):
         if self.verb is not None and not self.verb[1].instantiate:
             return  # e.g. a sweep: it only needs the parsed config
         super().instantiate_classes()
+        if getattr(self, "trained_from", None) is not None and hasattr(self.model, "hparams"):
+            self.model.hparams["pretrained"] = self.trained_from
         ckpt = self.config.get("ckpt_path") if self.verb is not None else None
         if ckpt:
             check_checkpoint_fits(ckpt, self.model)
@@ -265,6 +276,9 @@ class LitFTCLI(LightningCLI):
         # The checkpoint holds every weight: do not fetch pretrained ones again (no network needed).
         # A channel-pruned network (lit-ft prune) is rebuilt at its widths from the checkpoint itself.
         pruned = channels.is_pruned(checkpoint.get("state_dict", {}), prefix="model.")
+        # ...but the model keeps the record of what the run started from (instantiate_classes puts
+        # it back), so a resumed run's checkpoints still name it (soups, WiSE-FT, PEFT read it).
+        self.trained_from = hparams.get("pretrained")
         hparams["pretrained"] = ckpt if pruned else False
         data_cfg = cfg.get("data")
         if data_cfg is not None:

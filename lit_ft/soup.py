@@ -1,7 +1,7 @@
 """Model soups (Wortsman et al. 2022, arXiv 2203.05482): average the weights of several runs
 fine-tuned from the same starting point.
 
-    lit-ft soup -c configs/experiments/_base.yaml --ckpt '[a.ckpt, b.ckpt, c.ckpt]' --method greedy --out soup.ckpt
+    lit-ft soup -c configs/experiments/_base.yaml --ckpt a.ckpt b.ckpt c.ckpt --method greedy --out soup.ckpt
     lit-ft soup -c configs/experiments/_base.yaml --ckpt 'runs/sweep/*/checkpoints/best-*.ckpt'
 
 Owns: which checkpoints may go into one soup (:func:`check_compatible`), the uniform and greedy
@@ -294,7 +294,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def soup_command(
     cli: "LitFTCLI",
-    ckpt: Union[list[str], str],
+    ckpt: list[str],
     method: Method = "greedy",
     bn_batches: int = 32,
     out: Optional[str] = None,
@@ -308,8 +308,8 @@ def soup_command(
 
     Args:
         ckpt: checkpoints fine-tuned from the same starting weights (same backbone, classes,
-            pretrained weights and head_init): a list ``'[a.ckpt, b.ckpt]'`` (or ``--ckpt+ a.ckpt
-            --ckpt+ b.ckpt``), and any entry may be a glob pattern (``'runs/x/*/checkpoints/best-*.ckpt'``).
+            pretrained weights and head_init): ``--ckpt a.ckpt b.ckpt ...`` (a list in YAML), and any
+            entry may be a glob pattern in quotes (``'runs/x/*/checkpoints/best-*.ckpt'``).
         method: ``greedy``: best ingredient first, each next kept only if validation accuracy
             does not drop; ``uniform``: the average of all.
         bn_batches: batches of training images (of data.eval_batch_size) over which BatchNorm
@@ -317,7 +317,7 @@ def soup_command(
         out: the soup's checkpoint; default ``<log_dir>/soup.ckpt`` of this command's logger.
     """
     if cli.config.get("ckpt_path"):
-        raise UserError("lit-ft soup takes its checkpoints with --ckpt, not --ckpt_path", "e.g. --ckpt '[a.ckpt, b.ckpt]'")
+        raise UserError("lit-ft soup takes its checkpoints with --ckpt, not --ckpt_path", "e.g. --ckpt a.ckpt b.ckpt")
     result = make_soup(expand_paths(ckpt), cli.datamodule, method, bn_batches, **evaluation_options(cli.config))
     path = result.save(out or Path(cli.trainer.log_dir or ".") / "soup.ckpt")
     print(result.table(), flush=True)

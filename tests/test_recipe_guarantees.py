@@ -173,3 +173,18 @@ def test_a_strategy_config_without_its_base_is_one_clear_error(capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "builds on" in err and "_base.yaml, which was not given" in err
     assert "HINT: pass the base first: lit-ft fit -c" in err
+
+
+def test_a_resumed_run_keeps_the_record_of_the_weights_it_started_from(tmp_path):
+    # The resumed model is built without loading them again (the checkpoint has every weight),
+    # but its checkpoints must still name them: soups, WiSE-FT and PEFT rebuild the start from it.
+    import timm
+
+    weights = tmp_path / "start.pth"
+    torch.save(timm.create_model("test_efficientnet", num_classes=4).state_dict(), weights)
+    first = _fit("--data.num_workers", "0", "--trainer.max_epochs", "1", "--model.pretrained", str(weights))
+    last = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    resumed = _fit("--data.num_workers", "0", "--model.pretrained", str(weights), "--ckpt_path", "last")
+    assert resumed.trainer.global_step == STEPS
+    saved = torch.load(last, map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert saved["pretrained"] == str(weights)

@@ -253,12 +253,12 @@ def test_checkpoints_of_other_classes_are_one_clear_error(runs, tmp_path):
 
 def test_the_soup_command_explains_a_bad_mix_in_one_line(runs, capsys):
     with pytest.raises(SystemExit) as exit:
-        main(["soup", *TINY, "--ckpt", f"[{runs['a']}, {runs['vit']}]"])
+        main(["soup", *TINY, "--ckpt", str(runs["a"]), str(runs["vit"])])
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert "lit-ft: error:" in err and "backbone 'test_vit' vs 'test_resnet'" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
-        main(["soup", *TINY, "--ckpt_path", str(runs["a"]), "--ckpt", f"[{runs['b']}]"])
+        main(["soup", *TINY, "--ckpt_path", str(runs["a"]), "--ckpt", str(runs["b"])])
     assert "takes its checkpoints with --ckpt, not --ckpt_path" in capsys.readouterr().err
 
 
