@@ -23,7 +23,7 @@ import yaml
 
 from lit_ft.cli import main
 from lit_ft.sweep.space import SearchSpace
-from lit_ft.sweep.study import RETRY_OF, REASON, SLOT
+from lit_ft.sweep.study import RETRY_OF, REASON, SLOT, THREADS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -184,7 +184,14 @@ def test_two_sweep_processes_on_one_journal_run_each_trial_once_and_best_yaml_re
     cfg = yaml.safe_load((sweep / "best.yaml").read_text())
     assert "callbacks" not in cfg["trainer"] or not cfg["trainer"]["callbacks"]
     assert math.isclose(cfg["model"]["optimizer"]["init_args"]["lr"], best.params["model.optimizer.init_args.lr"])
-    cli = main(["fit", "--config", str(sweep / "best.yaml")], return_cli=True)
+    threads = int(best.user_attrs[THREADS])
+    assert f"OMP_NUM_THREADS={threads} lit-ft fit --config" in (sweep / "best.yaml").read_text()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # bit-exact at the trial's thread count (CI's pytest runs on 2)
+    try:
+        cli = main(["fit", "--config", str(sweep / "best.yaml")], return_cli=True)
+    finally:
+        torch.set_num_threads(before)
     assert Path(cli.trainer.log_dir).parent.name == "best"
     assert math.isclose(float(cli.trainer.checkpoint_callback.best_model_score), best.value, abs_tol=1e-6)
     ours = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)["state_dict"]

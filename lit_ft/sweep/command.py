@@ -32,7 +32,7 @@ from lit_ft.sweep import report as R
 from lit_ft.sweep.runner import TrialProcess, core_share, failure_reason, trial_command, trial_env
 from lit_ft.sweep.space import SearchSpace, override
 from lit_ft.sweep.study import (
-    CHILD, EPOCHS, HEARTBEAT, HOST, OUTCOME, PID, REASON, RETRY_OF, SKIPPED, SLOT, WALL, Trials, best_value, latest_per_slot,
+    CHILD, EPOCHS, HEARTBEAT, HOST, OUTCOME, PID, REASON, RETRY_OF, SKIPPED, SLOT, THREADS, WALL, Trials, best_value, latest_per_slot,
     make_sampler, open_study, slot_of, slots_used, tell,
 )
 
@@ -151,7 +151,8 @@ def sweep_command(
     if sweep.error is not None:
         raise sweep.error
     if best is not None:
-        write_best(cli.parser, base, search, study.trials[best.number].params, sweep_dir, best, metric)
+        trial = study.trials[best.number]
+        write_best(cli.parser, base, search, trial.params, sweep_dir, best, metric, trial.user_attrs.get(THREADS))
         if test_best if test_best is not None else bool(base.get("test_after_fit")):
             sweep.test(best)
 
@@ -207,9 +208,10 @@ def check_space(parser: Any, base: dict[str, Any], space: SearchSpace, source: s
 
 
 def write_best(parser: Any, base: dict[str, Any], space: SearchSpace, params: dict[str, Any], sweep_dir: Path,
-               best: R.Row, metric: str) -> Path:
+               best: R.Row, metric: str, threads: Optional[int] = None) -> Path:
     """``best.yaml``: the complete config of the best trial (base + its values, resolved by the
-    parser), with the run named after the file, so ``lit-ft fit --config best.yaml`` repeats it."""
+    parser), with the run named after the file, so ``lit-ft fit --config best.yaml`` repeats it
+    (bit for bit on the same machine at the trial's thread count, which the comment names)."""
     values = space.values(params)
     cfg = parser.dump(parse_words(parser, base, [override(k, v) for k, v in values.items()]), skip_none=False)
     data = {k: v for k, v in (yaml.safe_load(cfg) or {}).items() if k in base}
@@ -218,7 +220,8 @@ def write_best(parser: Any, base: dict[str, Any], space: SearchSpace, params: di
     lines = [f"# best trial {best.slot} of sweep {sweep_dir.name}: {metric}={best.value:.4f} "
              f"(selected on validation); its run: {sweep_dir / best.run_dir}",
              "# its values: " + ", ".join(f"{k}={v}" for k, v in params.items()),
-             f"# reproduce: lit-ft fit --config {sweep_dir / 'best.yaml'}"]
+             f"# reproduce: {f'OMP_NUM_THREADS={threads} ' if threads else ''}lit-ft fit --config {sweep_dir / 'best.yaml'}"
+             + (" (the trial's thread count: float sums depend on it)" if threads else "")]
     path = sweep_dir / "best.yaml"
     R.write_text(path, "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False))
     return path
@@ -370,7 +373,8 @@ class Sweep:
         states = optuna.trial.TrialState
         retry_of = trial.user_attrs.get(RETRY_OF)
         slot = int(trial.user_attrs.get(SLOT, trial.number))
-        for key, value in ((SLOT, slot), (HOST, socket.gethostname()), (PID, os.getpid()), (HEARTBEAT, time.time())):
+        for key, value in ((SLOT, slot), (HOST, socket.gethostname()), (PID, os.getpid()), (HEARTBEAT, time.time()),
+                           (THREADS, threads)):
             trial.set_user_attr(key, value)
         values = self.space.sample(trial)  # a retry gets its enqueued parameters back
         run_dir = self.sweep_dir / f"trial_{slot}"

@@ -36,6 +36,7 @@ SLOT = "lit_ft:slot"
 RETRY_OF = "lit_ft:retry_of"
 HOST, PID, HEARTBEAT = "lit_ft:host", "lit_ft:pid", "lit_ft:heartbeat"
 CHILD = "lit_ft:child_pid"  # the trial's `lit-ft fit` process (its process group)
+THREADS = "lit_ft:threads"  # the trial's thread count (results are bit-exact only at the same count)
 REASON = "lit_ft:reason"  # why a trial failed / was pruned / was interrupted
 OUTCOME = "lit_ft:outcome"  # written by the trial itself: pruned / complete
 EPOCHS = "lit_ft:epochs"
