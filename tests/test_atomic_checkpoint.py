@@ -12,16 +12,10 @@ import pytest
 import torch
 
 from lit_ft.callbacks.checkpointing import AtomicCheckpointIO, atomic_save
+from tests.cli_args import synthetic_run
 from lit_ft.cli import main, resolve_ckpt_alias
 
-TINY = [
-    "--model.backbone", "test_resnet",
-    "--data", "lit_ft.data.SyntheticDataModule",
-    "--data.image_size", "32", "--data.batch_size", "8",
-    "--data.train_size", "32", "--data.val_size", "8", "--data.test_size", "0",
-    "--data.augment", "false",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu",
-]
+TINY = synthetic_run(batch_size=8, train_size=32, val_size=8, test_size=0)
 CKPTS = Path("runs/default/version_0/checkpoints")
 
 

@@ -10,19 +10,10 @@ import torch
 import yaml
 
 from lit_ft.cli import main
+from tests.cli_args import synthetic_run
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--model.backbone", "test_resnet",
-    "--data", "lit_ft.data.SyntheticDataModule",
-    "--data.image_size", "32",
-    "--data.batch_size", "16",
-    "--data.augment", "false",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-    "--trainer.log_every_n_steps", "2",
-    "--trainer.accelerator", "cpu",
-]
+TINY = synthetic_run(trainer={"log_every_n_steps": 2})
 
 
 def fit(*extra: str, epochs: int = 2):

@@ -20,17 +20,10 @@ from safetensors.torch import save_file
 from lit_ft import ImageClassifier
 from lit_ft.cli import main
 from tests.bad_files import BAD_FILES, safetensors_bytes
+from tests.cli_args import QUIET, synthetic_run
 
 ROOT = Path(__file__).resolve().parents[1]
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu"]
-SYNTH = [
-    "--model.backbone", "test_resnet",
-    "--data", "lit_ft.data.SyntheticDataModule",
-    "--data.image_size", "32", "--data.batch_size", "8",
-    "--data.train_size", "32", "--data.val_size", "8", "--data.test_size", "8",
-    "--data.augment", "false",
-    *QUIET,
-]
+SYNTH = synthetic_run(batch_size=8, train_size=32, val_size=8, test_size=8)
 FOLDER = ["--model.backbone", "test_resnet", "--data", "lit_ft.data.ImageFolderDataModule", "--data.image_size", "32", *QUIET]
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lit_ft import ImageClassifier, UserError
+from tests.cli_args import synthetic_run
 from lit_ft import export as E
 from lit_ft.callbacks.checkpointing import restore_weights
 from lit_ft.cli import main
@@ -31,17 +32,7 @@ from tests.helpers import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [f"class_{i}" for i in range(4)]
-TINY = [
-    "--model.backbone", "test_efficientnet",
-    "--data", "lit_ft.data.SyntheticDataModule",
-    "--data.image_size", "32",
-    "--data.batch_size", "16",
-    "--data.augment", "false",
-    "--data.val_size", "24",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-    "--trainer.accelerator", "cpu",
-]
+TINY = synthetic_run("test_efficientnet", val_size=24)
 
 
 def fit_run(root: Path, *extra: str) -> Path:

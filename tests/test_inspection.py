@@ -47,7 +47,9 @@ def run(tmp_path_factory):
             cli = main(
                 ["fit", *TINY, "--trainer.max_epochs", str(EPOCHS), "--data.difficulty", "random",
                  "--data.train_size", "64", "--data.val_size", "48", "--data.test_size", "16",
-                 "--test_after_fit", "true", "--confusion.misclassified", "6", "--throughput.window_size", "3"],
+                 "--test_after_fit", "true", "--confusion.misclassified", "6", "--throughput.window_size", "3",
+                 # a plan and layer decay, so the LR and trainable-parameter curves have something to show
+                 "--model.layer_decay", "0.5", "--model.freeze", "lit_ft.schedules.Gradual"],
                 return_cli=True,
             )
     finally:
@@ -87,6 +89,17 @@ def test_scalars_cover_losses_metrics_lrs_trainable_params_and_throughput(run):
     seconds = {e.step: e.value for e in run.acc.Scalars("train/time")}
     for step, rate in rates.items():
         assert rate == pytest.approx((samples[step] - samples[step - 2]) / (seconds[step] - seconds[step - 2]), rel=1e-4)
+
+
+def test_lr_curves_keep_the_layer_decay_ratio_and_trainable_params_follow_the_plan(run):
+    acc, groups = run.acc, [g.name for g in run.cli.model.groups]
+    head = [e.value for e in acc.Scalars("lr/head")]
+    stem = [e.value for e in acc.Scalars("lr/stem")]
+    assert head and all(s / h == pytest.approx(0.5 ** (len(groups) - 1), rel=1e-6) for s, h in zip(stem, head))
+    counts = [e.value for e in acc.Scalars("trainable_params")]
+    assert counts == sorted(counts) and counts[0] < counts[-1]  # gradual: more groups over time
+    assert counts[0] == sum(p.numel() for p in run.cli.model.model.get_classifier().parameters())
+    assert any("lit-ft/plan" in t for t in acc.Tags()["tensors"])
 
 
 def test_config_text_is_the_resolved_config(run):

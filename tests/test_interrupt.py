@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import Dataset
 
 from lit_ft.callbacks import BudgetCounter
+from tests.cli_args import synthetic_run
 from lit_ft.cli import main
 from lit_ft.data.base import EpochShuffleSampler
 from lit_ft.data.resumable import ResumableDataLoader
@@ -26,14 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # 40 images / batch 8 = 5 steps per epoch; no augmentation and no dropout, so nothing but the
 # data order (a function of seed and epoch) and the saved state decides the result.
 ARGS = [
-    "--model.backbone", "test_resnet",
-    "--data", "lit_ft.data.SyntheticDataModule",
-    "--data.image_size", "32", "--data.batch_size", "8",
-    "--data.train_size", "40", "--data.val_size", "16", "--data.test_size", "0",
-    "--data.augment", "false",
+    *synthetic_run(batch_size=8, train_size=40, val_size=16, test_size=0, trainer={"max_epochs": 2, "log_every_n_steps": 1}),
     "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05", "--model.optimizer.momentum", "0.9",
-    "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu",
 ]
 STEPS = 10
 

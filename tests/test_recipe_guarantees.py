@@ -15,6 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_ft.cli import main
+from tests.cli_args import synthetic_run
 from lit_ft.schedules import FreezeUnfreeze
 from tests.helpers import StopAfter, snapshot, tiny_data, tiny_model, trainer
 
@@ -22,21 +23,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 40 images / batch 8 = 5 steps per epoch, 2 epochs; the shipped recipe's moving parts.
 RECIPE = [
-    "--model.backbone", "test_efficientnet",
     "--model.drop_rate", "0.2", "--model.drop_path_rate", "0.1", "--model.label_smoothing", "0.1",
     "--model.layer_decay", "0.7",
     "--model.optimizer", "torch.optim.AdamW", "--model.optimizer.lr", "0.003", "--model.optimizer.weight_decay", "0.02",
     "--model.lr_scheduler", "lit_ft.optim.WarmupCosineLR", "--model.lr_scheduler.warmup_steps", "3",
     "--model.freeze", "lit_ft.schedules.FreezeUnfreeze", "--model.freeze.epochs", "1",
     "--model.freeze.unfreeze_warmup_steps", "2",
-    "--data", "lit_ft.data.SyntheticDataModule",
-    "--data.image_size", "32", "--data.batch_size", "8",
-    "--data.train_size", "40", "--data.val_size", "16", "--data.test_size", "16",
-    "--data.scale", "[0.5, 1.0]", "--data.hflip", "0.5",  # augmentation on, as in every shipped config
-    "--data.num_workers", "2",
-    "--trainer.max_epochs", "2",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu",
-    "--trainer.log_every_n_steps", "1",
+    # augmentation on, as in every shipped config, and loader workers
+    *synthetic_run("test_efficientnet", batch_size=8, train_size=40, val_size=16, test_size=16, augment=True,
+                   scale="[0.5, 1.0]", hflip=0.5, num_workers=2, trainer={"max_epochs": 2, "log_every_n_steps": 1}),
     "--confusion.every_n_epochs", "0", "--train_samples.num_images", "0",
 ]
 STEPS = 10

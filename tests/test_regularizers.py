@@ -13,6 +13,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_ft.cli import main
+from tests.cli_args import synthetic_run
 from lit_ft.errors import UserError
 from lit_ft.regularizers import BSS, DELTA, L1, L2, L2SP, Mixup, Regularizer, StepOutputs
 from lit_ft.regularizers.bss import smallest_singular_values
@@ -90,10 +91,7 @@ def test_l2sp_anchor_after_resume_is_the_pretrained_weights_not_the_resumed_ones
     pretrained = tiny_model().model.state_dict()
     path = tmp_path / "pretrained.pth"
     torch.save(pretrained, path)
-    tiny = ["--model.backbone", "test_resnet", "--data", "lit_ft.data.SyntheticDataModule", "--data.image_size", "32",
-            "--data.batch_size", "16", "--data.augment", "false", "--data.train_size", "64", "--trainer.enable_progress_bar",
-            "false", "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu",
-            "--model.pretrained", str(path), "--model.regularizers",
+    tiny = [*synthetic_run(train_size=64), "--model.pretrained", str(path), "--model.regularizers",
             '[{"class_path": "lit_ft.regularizers.L2SP", "init_args": {"alpha": 0.1}}]']
     first = main(["fit", *tiny, "--trainer.max_epochs", "1"], return_cli=True)
     # The CLI rebuilds a resumed model with pretrained=false (random weights): the anchors must

@@ -22,17 +22,13 @@ import torch
 import yaml
 
 from lit_ft.cli import main
+from tests.cli_args import synthetic_run
 from lit_ft.sweep.space import SearchSpace
 from lit_ft.sweep.study import RETRY_OF, REASON, SLOT, THREADS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--model.backbone", "test_resnet",
-    "--data", "lit_ft.data.SyntheticDataModule",
-    "--data.image_size", "32", "--data.batch_size", "16", "--data.augment", "false",
-    "--data.train_size", "32", "--data.val_size", "16", "--data.test_size", "16",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
+    *synthetic_run(train_size=32, val_size=16, test_size=16, trainer={"max_epochs": 1, "log_every_n_steps": 1}),
     # no figures: each trial should cost little more than its start-up
     "--confusion.every_n_epochs", "0", "--train_samples.num_images", "0",
 ]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lit_ft.data import SyntheticDataModule
+from tests.cli_args import synthetic_run
 from lit_ft.data.corruptions import CORRUPTIONS, SEVERITIES, Shift, ShiftedDataset, corrupt
 from lit_ft.errors import UserError
 
@@ -202,9 +203,7 @@ def test_the_data_shift_option_corrupts_only_the_test_split():
 def test_lit_ft_test_takes_a_shift_from_the_command_line_and_explains_a_bad_one(capsys):
     from lit_ft.cli import main
 
-    tiny = ["--model.backbone", "test_vit", "--data", "lit_ft.data.SyntheticDataModule", "--data.image_size", "32",
-            "--data.test_size", "32", "--data.augment", "false", "--trainer.enable_progress_bar", "false",
-            "--trainer.logger", "false", "--trainer.accelerator", "cpu"]
+    tiny = synthetic_run("test_vit", test_size=32, trainer={"logger": False})
     cli = main(["test", *tiny, "--data.shift", "{corruption: pixelate, severity: 4, subset: 20}"], return_cli=True)
     assert cli.datamodule.shift == Shift("pixelate", 4, subset=20)
     assert "test/acc" in cli.trainer.callback_metrics
