@@ -471,9 +471,9 @@ def pt2_batch_dim(path: Path) -> Optional[int]:
 
 def measure_latency(
     runners: Mapping[str, Runner], input_size: Sequence[int], batch_sizes: Sequence[int] = (1, 32),
-    rounds: int = 5, repeats: int = 4,
+    rounds: int = 5, repeats: int = 4, memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, dict[int, float]]:
-    """Median milliseconds per call of each runner at each batch size.
+    """Median milliseconds per call of each runner at each batch size (inputs in ``memory_format``).
 
     Runners are timed side by side: ``rounds`` rounds, each timing every runner ``repeats``
     times in turn, after three warm-up calls; so a load change on a shared machine hits all
@@ -481,7 +481,7 @@ def measure_latency(
     """
     result: dict[str, dict[int, float]] = {name: {} for name in runners}
     for b in batch_sizes:
-        x = torch.randn(b, *input_size)
+        x = torch.randn(b, *[int(s) for s in input_size]).contiguous(memory_format=memory_format)
         times: dict[str, list[float]] = {name: [] for name in runners}
         for run in runners.values():  # warm-up: first calls allocate buffers and pick kernels
             for _ in range(3):
@@ -493,7 +493,7 @@ def measure_latency(
                     run(x)
                     times[name].append(time.perf_counter() - start)
         for name in runners:
-            result[name][b] = 1000 * statistics.median(times[name])
+            result[name][int(b)] = 1000 * statistics.median(times[name])
     return result
 
 

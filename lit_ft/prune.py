@@ -31,8 +31,6 @@ Owns: choosing and removing channels, the report, the pruned checkpoint. Must no
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Optional, Sequence
@@ -76,28 +74,16 @@ def measure_latency(
 ) -> dict[str, dict[int, float]]:
     """Median milliseconds per forward pass of each network at each batch size, on the CPU.
 
-    Side by side: each of ``rounds`` rounds times every network ``repeats`` times in turn (after
-    one warm-up call each), so a load change on a shared machine hits all of them alike. The
-    networks run in eval mode with torch's current thread count, all in one memory format
+    Side by side (``lit_ft.export.measure_latency``): each of ``rounds`` rounds times every
+    network ``repeats`` times in turn, after three warm-up calls each, so a load change on a
+    shared machine hits all of them alike. The networks run in eval mode with torch's current thread count, all in one memory format
     (NHWC with ``channels_last``), so the format is not what is compared.
     """
+    from lit_ft.export import measure_latency as time_side_by_side
+
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out: dict[str, dict[int, float]] = {name: {} for name in nets}
     cpu = {name: copy.deepcopy(net).cpu().eval().to(memory_format=fmt) for name, net in nets.items()}
-    for b in batch_sizes:
-        x = torch.randn(b, *[int(s) for s in input_size]).contiguous(memory_format=fmt)
-        times: dict[str, list[float]] = {name: [] for name in cpu}
-        for net in cpu.values():
-            net(x)
-        for _ in range(rounds):
-            for name, net in cpu.items():
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    net(x)
-                    times[name].append(time.perf_counter() - start)
-        for name in cpu:
-            out[name][int(b)] = 1000 * statistics.median(times[name])
-    return out
+    return time_side_by_side(cpu, input_size, batch_sizes, rounds=rounds, repeats=repeats, memory_format=fmt)
 
 
 # --------------------------------------------------------------------------- the report
