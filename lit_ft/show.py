@@ -42,15 +42,7 @@ def show_predictions(model: ImageClassifier, datamodule: Any, n: int = 8, split:
         split: ``"val"``, ``"test"`` or ``"train"`` (training images are augmented).
         ncols: images per row.
     """
-    loader = _dataset_loader(model, datamodule, split)
-    xs, ys, seen = [], [], 0
-    for x, y in loader:
-        xs.append(x)
-        ys.append(y)
-        seen += len(x)
-        if seen >= n:
-            break
-    x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
+    x, y = _first(_dataset_loader(model, datamodule, split), n)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -72,6 +64,7 @@ def show_predictions(model: ImageClassifier, datamodule: Any, n: int = 8, split:
 
 
 def _first(loader: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` images and labels the loader yields."""
     xs, ys, seen = [], [], 0
     for x, y in loader:
         xs.append(x)

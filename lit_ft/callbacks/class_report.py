@@ -20,7 +20,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from lit_ft.callbacks.figures import MAX_LABELLED_CLASSES, figure_to_array, has_tensorboard, log_step, summary_writer
+from lit_ft.callbacks.figures import (
+    MAX_LABELLED_CLASSES, eval_logits_and_labels, figure_to_array, has_tensorboard, log_step, summary_writer,
+)
 
 
 @dataclass
@@ -156,15 +158,13 @@ class ClassReport(Callback):
         self._update(outputs, batch, dataloader_idx)
 
     def _update(self, outputs: Any, batch: Any, dataloader_idx: int) -> None:
-        logits = outputs.get("logits") if isinstance(outputs, dict) else None
-        if not self._active or dataloader_idx != 0 or logits is None:
+        got = eval_logits_and_labels(outputs, batch, dataloader_idx) if self._active else None
+        if got is None:
             return
-        y = batch[1]
-        if y.ndim == 2:  # soft targets
-            y = y.argmax(-1)
+        logits, y = got
         if self._cm is None:
             self._cm = MulticlassConfusionMatrix(logits.shape[-1]).to(logits.device)
-        self._cm.update(logits.detach().argmax(-1), y)
+        self._cm.update(logits.argmax(-1), y)
 
     # ------------------------------------------------------------------ report
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

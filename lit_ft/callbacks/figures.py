@@ -3,12 +3,14 @@
 Pure functions of arrays/tensors. Figures are built on matplotlib's object API with the Agg
 canvas (no pyplot, no global backend state), so they render the same in a training process,
 a DataLoader worker or a notebook. :func:`figure_to_array` turns one into the ``(H, W, 3)``
-uint8 image that ``SummaryWriter.add_image(..., dataformats="HWC")`` takes.
+uint8 image that ``SummaryWriter.add_image(..., dataformats="HWC")`` takes. Also the small
+helpers the figure callbacks share: the TensorBoard writer, the step to log at, and the logits
+and labels of an evaluation batch (:func:`eval_logits_and_labels`).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -166,3 +168,14 @@ def _short(text: str, n: int) -> str:
 def class_name(names: Sequence[str], index: int) -> str:
     """``names[index]`` shortened for a caption (the index itself if there is no such name)."""
     return _short(str(names[index]), 14) if 0 <= index < len(names) else str(index)
+
+
+def eval_logits_and_labels(outputs: Any, batch: Any, dataloader_idx: int = 0) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The logits a validation/test step returned (``{"logits": ...}``) and the batch's hard
+    labels (soft targets argmax-ed), detached; None for a step without logits or another
+    dataloader than the first."""
+    logits = outputs.get("logits") if isinstance(outputs, dict) else None
+    if dataloader_idx != 0 or logits is None:
+        return None
+    y = batch[1]
+    return logits.detach(), (y.argmax(-1) if y.ndim == 2 else y)

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lit_ft.calibration import DEFAULT_BINS, reliability_bins, reliability_figure
-from lit_ft.callbacks.figures import figure_to_array, has_tensorboard, log_step, summary_writer
+from lit_ft.callbacks.figures import eval_logits_and_labels, figure_to_array, has_tensorboard, log_step, summary_writer
 
 
 class ReliabilityLogger(Callback):
@@ -56,13 +56,11 @@ class ReliabilityLogger(Callback):
         self._update(outputs, batch, dataloader_idx)
 
     def _update(self, outputs: Any, batch: Any, dataloader_idx: int) -> None:
-        logits = outputs.get("logits") if isinstance(outputs, dict) else None
-        if not self._active or dataloader_idx != 0 or logits is None:
+        got = eval_logits_and_labels(outputs, batch, dataloader_idx) if self._active else None
+        if got is None:
             return
-        y = batch[1]
-        if y.ndim == 2:
-            y = y.argmax(-1)
-        bins = reliability_bins(logits.detach().float().softmax(-1), y, self.n_bins)
+        logits, y = got
+        bins = reliability_bins(logits.float().softmax(-1), y, self.n_bins)
         self._bins = bins if self._bins is None else self._bins + bins
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
