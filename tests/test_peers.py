@@ -134,6 +134,17 @@ def test_report_names_each_missing_peer_with_the_reason(tmp_path, monkeypatch):
                           {"lightning": "failed: exit status 1; log x"}) == body
 
 
+def test_report_names_the_machine_of_each_setting_when_the_settings_ran_on_different_ones(tmp_path):
+    # Ratios compare runs within one setting; settings run in different sessions may sit on different CPUs.
+    recs = [record("lit-ft", machine="Xeon"), record("timm", machine="Xeon"),
+            record("lit-ft", setting="10pct", machine="EPYC"), record("timm", setting="10pct", machine="EPYC")]
+    body = R.write_report(recs, tmp_path / "B.md", tmp_path / "p.png", tmp_path / "r.jsonl", False, {})
+    assert f"Machine: Xeon ({R.SETTINGS['full'].name}); EPYC ({R.SETTINGS['10pct'].name}). Versions" in body
+    one = R.write_report(recs[:2], tmp_path / "B.md", tmp_path / "p.png", tmp_path / "r.jsonl", False, {},
+                         settings={"full": R.SETTINGS["full"]})
+    assert "Machine: Xeon. Versions" in one
+
+
 # --------------------------------------------------------------------------- same data as lit-ft
 
 

