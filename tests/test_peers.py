@@ -143,6 +143,8 @@ def test_report_names_the_machine_of_each_setting_when_the_settings_ran_on_diffe
     one = R.write_report(recs[:2], tmp_path / "B.md", tmp_path / "p.png", tmp_path / "r.jsonl", False, {},
                          settings={"full": R.SETTINGS["full"]})
     assert "Machine: Xeon. Versions" in one
+    same = [dict(r, machine="Xeon") for r in recs]  # both settings on one machine: named once
+    assert "Machine: Xeon. Versions" in R.write_report(same, tmp_path / "B.md", tmp_path / "p.png", tmp_path / "r.jsonl", False, {})
 
 
 # --------------------------------------------------------------------------- same data as lit-ft

@@ -212,10 +212,11 @@ def write_report(records: list[dict], markdown: Path, plot_path: Path, records_p
     ran = {r["peer"] for r in records}
     missing = {p: skipped.get(p) or PEERS[p].available() or "not run yet" for p in DEFAULT_PEERS if p not in ran}
     missing.update({p: why for p, why in skipped.items() if p not in missing})
-    # Runs are compared within a setting only, so each setting names the machine its runs shared.
-    machines = {st.name: sorted({r["machine"] for r in records if r["setting"] == s}) for s, st in settings.items()}
-    machine_line = "; ".join(f"{'; '.join(m)} ({name})" if len(machines) > 1 else "; ".join(m)
-                             for name, m in machines.items() if m)
+    # Runs are compared within a setting only: settings run on different machines name theirs.
+    machines = {st.name: "; ".join(sorted({r["machine"] for r in records if r["setting"] == s})) for s, st in settings.items()}
+    machines = {name: m for name, m in machines.items() if m}
+    machine_line = ("; ".join(f"{m} ({name})" for name, m in machines.items()) if len(set(machines.values())) > 1
+                    else "".join(set(machines.values())))
     vers = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in records})
     rel = lambda p: p.relative_to(ROOT) if p.is_relative_to(ROOT) else p  # noqa: E731
 
