@@ -150,7 +150,8 @@ def final_loss(model, dm, lr: float, steps: int) -> float:
 def test_the_suggestions_fall_in_the_range_where_training_works(seed):
     # The "known good range" is measured, not assumed: train 30 steps at each LR of a grid; the
     # range is the longest stretch of the grid whose LRs all get at least half of the best
-    # improvement in loss (1e-3..1e-1 here, 2 of the sweep's 9 decades).
+    # improvement in loss (1e-3..1e-1 here, 2 of the sweep's 9 decades; on some CPUs seed 1's
+    # range reaches 1.0: 3 decades, still a third of the sweep, so a wrong suggestion fails).
     L.seed_everything(seed)
     model = tiny_model(layer_decay=0.7, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     dm = tiny_data(seed=seed, train_size=128)
@@ -162,7 +163,7 @@ def test_the_suggestions_fall_in_the_range_where_training_works(seed):
     runs = [(j - i, i, j) for i in range(len(grid)) for j in range(i + 1, len(grid) + 1) if all(ok[i:j])]
     _, lo, hi = max(runs)
     good = grid[lo:hi]
-    assert best < start - 0.3 and 2 <= len(good) <= 6, finals
+    assert best < start - 0.3 and 2 <= len(good) <= 7, finals
     result = lr_find(model, dm, num_steps=100, max_lr=10)
     for name in ("valley", "steepest"):
         lr = result.suggestion(name)
