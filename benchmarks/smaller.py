@@ -148,7 +148,8 @@ def run_steps(args: argparse.Namespace, runs: Path) -> None:
         pruned.unlink(missing_ok=True)
         begin_run(run, machine)
         lit_ft("prune", *base_args("cpu_best"), *ONE_PROCESS, "--ckpt_path", str(lite0), "--ratio", str(args.ratio),
-               "--importance", args.importance, "--steps", str(args.steps), "--out", str(pruned), "--latency_rounds", "0")
+               "--importance", args.importance, "--steps", str(args.steps), "--out", str(pruned), "--latency_rounds", "0",
+               "--bn_batches", str(args.bn_batches))
         # The pruned weights as they are, before any fine-tuning: `test` builds the model from them.
         lit_ft("test", *base_args("pruned_ft"), *log_args(runs, "pruned"), *extra, *ONE_PROCESS,
                "--model.pretrained", str(pruned))
@@ -225,7 +226,10 @@ def report(record: dict[str, Any]) -> str:
 
 def DESCRIPTIONS(settings: dict[str, Any]) -> dict[str, str]:  # noqa: N802 - a table of texts
     texts = {step: what for step, (_, what) in FITS.items()}
-    texts["pruned"] = f"Lite0 with {settings['ratio']:.0%} of its parameters pruned, not fine-tuned"
+    bn = settings.get("bn_batches")  # records from before `prune` recomputed BN statistics have none
+    texts["pruned"] = f"Lite0 with {settings['ratio']:.0%} of its parameters pruned, not fine-tuned" + (
+        ", BN statistics of the unpruned model (recorded before `prune` recomputed them)" if bn is None
+        else f", BN statistics recomputed on {bn} batches" if bn else ", BN statistics of the unpruned model (`--bn-batches 0`)")
     texts["pruned_ft_kd"] = "Lite0 pruned, then fine-tuned with the " + (
         "Lite2 teacher" if settings.get("recovery_teacher") == "teacher" else "unpruned Lite0 as teacher")
     if settings.get("teacher") == "lite0":
@@ -277,6 +281,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of lite0's parameters to prune")
     p.add_argument("--importance", choices=["magnitude", "taylor"], default="magnitude")
     p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--bn-batches", type=int, default=32, help="lit-ft prune --bn_batches: BN statistics recomputed after pruning")
     p.add_argument("--recovery-teacher", choices=["unpruned", "teacher"], default="unpruned")
     p.add_argument("--only", nargs="+", choices=ORDER, help="run only these steps (and the ones they need: lite0 always, "
                    "the teacher for distillation, pruned for pruned_ft*)")
@@ -301,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{cpu()}, {os.cpu_count()} cores",
             "settings": {"teacher": args.teacher, "alpha": args.alpha, "temperature": args.temperature, "ratio": args.ratio,
-                         "importance": args.importance, "steps": args.steps, "recovery_teacher": args.recovery_teacher,
+                         "importance": args.importance, "steps": args.steps, "bn_batches": args.bn_batches, "recovery_teacher": args.recovery_teacher,
                          "rounds": 1 if args.smoke else args.rounds, "threads": args.threads, "smoke": args.smoke},
             "runs": {k: v for k, v in results.items() if v is not None},
             "costs": costs,

@@ -201,3 +201,82 @@ def test_prune_command_needs_a_checkpoint_or_an_output(capsys):
         main(["prune", *TINY, "--latency_rounds", "0"])
     assert exit.value.code == 2
     assert "lit-ft prune needs --ckpt_path" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- BatchNorm statistics after pruning
+
+
+def _scrambled_bn(model: ImageClassifier) -> None:
+    """Running statistics unlike anything the data gives, so that a recomputed layer shows."""
+    from lit_ft.weight_space import bn_layers
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in bn_layers(model.model):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 3)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 4 + 0.5)
+
+
+def _kept_values(after: torch.Tensor, before: torch.Tensor) -> bool:
+    """Every value of the pruned layer's statistic is one of the unpruned layer's (channels kept, not recomputed)."""
+    return bool(torch.isin(after, before).all())
+
+
+def test_pruning_recomputes_bn_statistics_on_training_images_except_where_the_inputs_are_intact(tmp_path, one_thread):
+    from lit_ft.prune import bn_layers_with_intact_inputs
+    from lit_ft.weight_space import named_bn_layers
+    from tests.test_soup import manual_bn_statistics
+
+    model = tiny_model("test_efficientnet", num_classes=4)
+    _scrambled_bn(model)
+    dm = tiny_data(batch_size=16)
+    report = prune(model, ratio=0.5, latency_rounds=0, input_size=SIZE, datamodule=dm, bn_batches=2, out=tmp_path / "p.ckpt")
+    small = ImageClassifier("test_efficientnet", num_classes=4, pretrained=str(tmp_path / "p.ckpt")).eval()
+    before, after = named_bn_layers(model.model), named_bn_layers(small.model)
+    intact = bn_layers_with_intact_inputs(model.model, small.model)
+    # The stem's BN and the first depthwise conv's BN see what they saw before (for the channels
+    # kept); the first pointwise conv lost input channels, so every BN from there on sees new features.
+    assert intact and intact[0] == "bn1" and len(intact) < len(after) // 2, intact
+    assert f"in {len(after) - len(intact)} of {len(after)} BN layers" in report.bn and "32 training images" in report.bn
+    assert "BatchNorm statistics: recomputed" in report.summary()
+    for name in intact:  # kept: the unpruned model's values of the channels left
+        assert _kept_values(after[name].running_mean, before[name].running_mean), name
+    # The others equal a manual pass over the same 2 batches of training images (eval transform),
+    # made on a copy (the pass itself moves the copy's running statistics).
+    import copy
+
+    batches = list(dm.eval_dataloader("train", limit=2 * dm.eval_batch_size))
+    probe = copy.deepcopy(small.model)
+    means, variances = manual_bn_statistics(probe, batches, keep=intact)
+    by_name = {m: n for n, m in probe.named_modules()}
+    expected = {by_name[m]: (means[m], variances[m]) for m in means}
+    assert set(expected) == set(after) - set(intact)
+    for name, (mean, var) in expected.items():
+        torch.testing.assert_close(after[name].running_mean, mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(after[name].running_var, var, rtol=1e-4, atol=1e-5)
+        assert not _kept_values(after[name].running_mean, before[name].running_mean), name
+
+
+def test_bn_batches_0_or_no_data_keeps_the_unpruned_statistics_and_says_so(tmp_path, one_thread):
+    from lit_ft.weight_space import named_bn_layers
+
+    model = tiny_model("test_efficientnet")
+    _scrambled_bn(model)
+    before = named_bn_layers(model.model)
+    for i, (kw, said) in enumerate([({"datamodule": tiny_data(), "bn_batches": 0}, "bn_batches: 0"), ({}, "no data")]):
+        out = tmp_path / f"p{i}.ckpt"
+        report = prune(model, ratio=0.5, latency_rounds=0, input_size=SIZE, out=out, **kw)
+        assert report.bn.startswith("kept from the unpruned model") and said in report.bn
+        small = ImageClassifier("test_efficientnet", num_classes=4, pretrained=str(out))
+        after = named_bn_layers(small.model)
+        assert all(_kept_values(m.running_mean, before[n].running_mean) for n, m in after.items())
+    with pytest.raises(UserError, match="bn_batches must be >= 0"):
+        prune(model, ratio=0.5, latency_rounds=0, input_size=SIZE, datamodule=tiny_data(), bn_batches=-1)
+
+
+def test_a_network_without_batchnorm_has_nothing_to_recompute():
+    from lit_ft.prune import recalibrate_bn_after_pruning
+
+    before, after = TwoBranches(), TwoBranches()
+    prune_network(after, 0.3, input_size=(3, 16, 16))
+    assert recalibrate_bn_after_pruning(before, after, tiny_model(), tiny_data(), 2) is None

@@ -43,3 +43,13 @@ def test_missing_runs_leave_their_rows_and_verdicts_out():
         del r["runs"][step], r["costs"][step]
     text = report(r)
     assert "`mnv3_kd`" not in text and "into `mnv3`" not in text and "`pruned_ft_kd` vs" not in text
+
+
+def test_the_pruned_row_says_what_became_of_the_batchnorm_statistics():
+    r = record()
+    row = lambda text: next(line for line in text.splitlines() if line.startswith("| `pruned` |"))  # noqa: E731
+    assert "recorded before `prune` recomputed them" in row(report(r))  # an old record: no bn_batches setting
+    r["settings"]["bn_batches"] = 32
+    assert "BN statistics recomputed on 32 batches" in row(report(r))
+    r["settings"]["bn_batches"] = 0
+    assert "BN statistics of the unpruned model (`--bn-batches 0`)" in row(report(r))
