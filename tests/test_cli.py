@@ -206,3 +206,21 @@ def test_a_lit_ft_checkpoint_is_a_weight_source_for_a_new_task():
     got = model.state_dict()
     assert all(torch.equal(got[k], trained[k]) for k in got if not k.startswith("fc."))
     assert got["fc.weight"].shape[0] == 7
+
+
+def test_a_run_without_a_logger_never_writes_over_the_config_file_it_was_given(tmp_path, monkeypatch):
+    # Without a logger the run directory is the working directory, where config.yaml is often
+    # the user's own: it must stay byte for byte (comments, and no --trainer.logger false baked in).
+    monkeypatch.chdir(tmp_path)
+    mine = "# my config, with a comment\nmodel:\n  backbone: test_resnet\n  pretrained: false\n"
+    Path("config.yaml").write_text(mine)
+    with pytest.warns(UserWarning, match="not saving the resolved config to .*config.yaml: that is the config file you gave"):
+        main(["test", "-c", "config.yaml", *TINY, "--trainer.logger", "false", "--trainer.limit_test_batches", "1"])
+    assert Path("config.yaml").read_text() == mine
+    # Under another name the resolved config is saved as before, beside it.
+    Path("mine.yaml").write_text(mine)
+    Path("config.yaml").unlink()
+    main(["test", "-c", "mine.yaml", *TINY, "--trainer.logger", "false", "--trainer.limit_test_batches", "1"])
+    assert Path("mine.yaml").read_text() == mine
+    saved = yaml.safe_load(Path("config.yaml").read_text())
+    assert saved["model"]["backbone"] == "test_resnet" and saved["trainer"]["logger"] is False

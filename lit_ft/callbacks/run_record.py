@@ -3,12 +3,15 @@ final metrics for TensorBoard's HPARAMS tab, and the metrics of its best checkpo
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import lightning as L
 import torch
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_ft.callbacks.figures import summary_writer
 
@@ -55,6 +58,17 @@ def scalar_metrics(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
     return out
 
 
+def given_config_files(config: Any) -> set[Path]:
+    """The absolute paths of the ``--config`` files a parsed CLI config came from."""
+    found = config.get("config") if hasattr(config, "get") else None
+    paths = set()
+    for p in found or []:
+        if p is None:
+            continue
+        paths.add(Path(os.fspath(getattr(p, "absolute", None) or str(p))).resolve())  # jsonargparse's Path, or a str
+    return paths
+
+
 class RunRecord(SaveConfigCallback):
     """Saves ``config.yaml`` in the run directory (as LightningCLI does) and also:
 
@@ -76,6 +90,21 @@ class RunRecord(SaveConfigCallback):
         self._hparams_written = False
 
     # ------------------------------------------------------------------ config
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Without a logger the run directory is ``default_root_dir`` (the working directory by
+        # default), where the user's own config often is: ``lit-ft test -c config.yaml
+        # --trainer.logger false`` would replace it, comments gone and the command line's
+        # overrides baked in. A config file given on the command line is never written over.
+        if self.save_to_log_dir and not self.already_saved:
+            target = Path(trainer.log_dir or ".", self.config_filename).resolve()
+            if target in given_config_files(self.config):
+                rank_zero_warn(
+                    f"lit-ft: not saving the resolved config to {target}: that is the config file you gave. "
+                    "HINT: keep a logger on, or set --trainer.default_root_dir to a run directory"
+                )
+                self.save_to_log_dir = False
+        super().setup(trainer, pl_module, stage)
+
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         text = self.parser.dump(self.config, skip_none=False)
         self.params = flatten_config(yaml.safe_load(text) or {})
