@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,7 @@ def test_prune_from_the_cli_then_fine_tune_the_smaller_model_through_fit_with_th
     text = capsys.readouterr().out
     out = ckpt.with_name("last-pruned50.ckpt")
     assert out.is_file() and "parameters" in text and "CPU ms, batch 1" in text and str(out) in text
+    assert re.search(r"BatchNorm statistics: recomputed on \d+ training images in \d+ of \d+ BN layers", text)  # --bn_batches 32 by default
     report = read_report(out)
     assert abs(report["params_after"] / report["params_before"] - 0.5) <= 0.05
 
