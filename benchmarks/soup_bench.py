@@ -13,7 +13,9 @@ What it does, per seed:
    (default strategy lp_ft, so every run has a linear-probe head for WiSE-FT) with the
    variants below, one starting point (EfficientNet-Lite0 ImageNet weights, zero head), the
    same 10% subset and validation split (``data.seed`` = the seed), and a different
-   ``seed_everything`` each. Runs that already have a best checkpoint are not re-run.
+   ``seed_everything`` each (which changes nothing in this recipe: the shuffling and augmentation
+   draws come from ``data.seed``, the head starts at zero and there is no dropout; the runs
+   differ by the variant's options). Runs that already have a best checkpoint are not re-run.
 2. Builds the models: the best single run (best validation accuracy), the uniform and greedy
    soups, each with BatchNorm statistics recomputed (``bn_batches``) and averaged
    (``bn_batches: 0``), and WiSE-FT of the best single run at the validation-chosen a (grid
@@ -257,7 +259,9 @@ def report(records: dict[int, dict[str, Any]], args: argparse.Namespace, command
         f"Written by `{command}`. Fashion-MNIST, EfficientNet-Lite0 (ImageNet weights), 64 px, {args.fraction:g} of the "
         f"training labels, seeds {', '.join(map(str, seeds))}; per seed {len(VARIANTS)} ingredient runs of the "
         f"`{args.strategy}` recipe from one starting point ({', '.join(f'`{n}`' + (' ' + ' '.join(v) if v else '') for n, v in VARIANTS.items())}; "
-        f"each with its own `seed_everything`, the same subset and validation split). Clean accuracy: {sizes[0]}. "
+        f"the same subset, validation split, shuffling and augmentation draws, all from `data.seed`; each run's own "
+        f"`seed_everything` changes nothing in this recipe (zero-initialised head, no dropout), so the runs differ by "
+        f"their options only). Clean accuracy: {sizes[0]}. "
         f"Corruptions: 8 kinds x severities 1-5 on a fixed, class-stratified {args.shift_subset}-image test subset; "
         f"mean corruption accuracy = the mean of those 40 cells. Soups and a are chosen on the {sizes[1]} validation split, "
         "never on the test set. Timed on " + ", ".join(sorted({x['machine'] for s in seeds for x in records[s].values()})) + ".",
