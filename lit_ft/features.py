@@ -265,7 +265,7 @@ class FeatureCache:
                 epoch=epoch,
                 batch_size=dm.eval_batch_size,
                 num_workers=dm.num_workers,
-                seed=dm.seed,
+                seed=getattr(dm, "draw_seed", dm.seed),
                 augmenting=augmenting,
                 batch_transform=dm.batch_transform("train" if augmenting else "eval") if dm.batch_transforms else None,
                 preprocessing=dm.resolved_data_config,

@@ -75,7 +75,11 @@ class BaseImageDataModule(LightningDataModule):
         val_split: when the data has no validation split, hold out this many training images
             (int) or this fraction of them (float in [0, 1)); seeded and stratified. 0 disables
             validation.
-        seed: seed for the validation split, the training subset and the shuffling order.
+        seed: seed for the validation split, the training subset, the shuffling order and the
+            augmentation draws.
+        shuffle_seed: a seed for the shuffling order and the augmentation draws only (None:
+            ``seed``): runs that share the split and the subset but see the data in another
+            order, e.g. ingredients of a model soup (``seed_everything`` changes neither).
         hflip: probability of a horizontal flip (training).
         vflip: probability of a vertical flip (training).
         scale: area range of timm's random-resized crop (training).
@@ -123,6 +127,7 @@ class BaseImageDataModule(LightningDataModule):
         train_subset: Optional[Union[int, float]] = None,
         val_split: Union[int, float] = 0.1,
         seed: int = 42,
+        shuffle_seed: Optional[int] = None,
         hflip: float = 0.5,
         vflip: float = 0.0,
         scale: tuple[float, float] = (0.08, 1.0),
@@ -153,6 +158,7 @@ class BaseImageDataModule(LightningDataModule):
         self.train_subset = train_subset
         self.val_split = val_split
         self.seed = seed
+        self.shuffle_seed = shuffle_seed
         self.augmentation = Augmentation(
             scale=tuple(scale), ratio=tuple(ratio), hflip=hflip, vflip=vflip,
             auto_augment=auto_augment, color_jitter=color_jitter, re_prob=re_prob,
@@ -395,8 +401,13 @@ class BaseImageDataModule(LightningDataModule):
         log.info("%s (stage=%s): %s images, %s classes, input %s", type(self).__name__, stage, sizes,
                  self.num_classes, self._resolved["input_size"])
 
+    @property
+    def draw_seed(self) -> int:
+        """The seed of the shuffling order and the augmentation draws: ``shuffle_seed``, else ``seed``."""
+        return self.seed if self.shuffle_seed is None else self.shuffle_seed
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the order and the augmentation are functions of ``(seed, epoch)``.
+        """Shuffled training batches; the order and the augmentation are functions of ``(draw_seed, epoch)``.
 
         With augmentation, each sample is transformed under RNGs seeded from ``(seed, epoch,
         sample index)`` (:class:`~lit_ft.data.seeding.EpochSeededDataset`), so the batches do
@@ -409,7 +420,7 @@ class BaseImageDataModule(LightningDataModule):
         if swapped is not dataset or not self.augment:
             return self._loader(swapped, self.batch_size, shuffle=True)
         uniforms = BatchTransform.UNIFORMS if self.batch_transforms else 0
-        return self._loader(EpochSeededDataset(dataset, self.seed, uniforms), self.batch_size, shuffle=True, epoch_keys=True)
+        return self._loader(EpochSeededDataset(dataset, self.draw_seed, uniforms), self.batch_size, shuffle=True, epoch_keys=True)
 
     def val_dataloader(self) -> Union[DataLoader, list]:
         """Validation batches, or ``[]`` (Lightning then skips validation) when there is none."""
@@ -491,7 +502,7 @@ class BaseImageDataModule(LightningDataModule):
         # The shuffle order is a function of (seed, epoch): Lightning calls set_epoch() on the
         # sampler, so a run resumed at epoch k sees the same order as an uninterrupted one.
         # With epoch_keys the sampler yields (epoch, index) for an EpochSeededDataset.
-        sampler = EpochShuffleSampler(len(dataset), self.seed, with_epoch=epoch_keys) if shuffle else None
+        sampler = EpochShuffleSampler(len(dataset), self.draw_seed, with_epoch=epoch_keys) if shuffle else None
         # Training resumes mid-epoch at the right batch (ResumableDataLoader, Lightning's stateful loaders).
         loader_cls = ResumableDataLoader if shuffle else DataLoader
         return loader_cls(
@@ -502,7 +513,7 @@ class BaseImageDataModule(LightningDataModule):
             pin_memory=pin,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=False,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            generator=torch.Generator().manual_seed(self.draw_seed) if shuffle else None,
             collate_fn=collate_with_ids if getattr(dataset, "with_ids", False) else None,
         )
 

@@ -127,3 +127,22 @@ def test_under_ddp_the_epoch_reaches_every_rank_with_the_keys():
         sampler.set_epoch(3)
         keys += list(sampler)
     assert {epoch for epoch, _ in keys} == {3} and sorted(i for _, i in keys) == list(range(10))
+
+
+def test_shuffle_seed_changes_the_order_and_the_draws_but_not_the_split_or_the_subset():
+    def data(**kw) -> SyntheticDataModule:
+        dm = SyntheticDataModule(**(dict(train_size=40, val_size=0, test_size=0, train_subset=16, image_size=16,
+                                         batch_size=4, seed=7) | AUG | kw))
+        dm.setup("fit")
+        return dm
+
+    base, same, other = data(), data(shuffle_seed=7), data(shuffle_seed=8)
+    assert base.train_dataset.indices.tolist() == other.train_dataset.indices.tolist()  # the same training subset
+    assert base.train_dataset.indices.tolist() != data(seed=8).train_dataset.indices.tolist()  # which `seed` moves
+    assert base.draw_seed == same.draw_seed == 7 and other.draw_seed == 8
+    ref = epoch_batches(base.train_dataloader(), 0, global_seed=0)
+    assert_same(ref, epoch_batches(same.train_dataloader(), 0, global_seed=1))  # shuffle_seed = seed: nothing changes
+    moved = epoch_batches(other.train_dataloader(), 0, global_seed=0)
+    assert sorted(torch.cat([b[1] for b in ref]).tolist()) == sorted(torch.cat([b[1] for b in moved]).tolist())
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(ref, moved))  # another order and other draws
+    assert_same(moved, epoch_batches(data(shuffle_seed=8).train_dataloader(), 0, global_seed=5))  # still deterministic
