@@ -409,7 +409,7 @@ class BaseImageDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; the order and the augmentation are functions of ``(draw_seed, epoch)``.
 
-        With augmentation, each sample is transformed under RNGs seeded from ``(seed, epoch,
+        With augmentation, each sample is transformed under RNGs seeded from ``(draw_seed, epoch,
         sample index)`` (:class:`~lit_ft.data.seeding.EpochSeededDataset`), so the batches do
         not depend on ``num_workers``, persistent workers or where a run was resumed. With
         ``batch_transforms`` such batches are ``(uint8 images, targets, uniforms [B, 6])``
