@@ -291,33 +291,35 @@ def report(records: dict[int, dict[str, Any]], args: argparse.Namespace, command
         wins = [g >= b for g, b in zip(get("greedy", "clean_acc"), base[0])]
         lines.append(f"- Target greedy soup >= best single on clean test: {'met' if all(wins) else 'missed'} "
                      f"({sum(wins)} of {len(wins)} seeds).")
+    def wise_verdict(key: str) -> str:
+        """The WiSE-FT target judged on ``key``'s mean gains over the best single run."""
+        dc = statistics.mean(100 * (w - b) for w, b in zip(get(key, "clean_acc"), base[0]))
+        dm = statistics.mean(100 * (w - b) for w, b in zip(get(key, "mean_corruption_acc"), base[1]))
+        return f"{'met' if dm >= 2 and dc >= -0.5 else 'missed'} (mean {dm:+.1f} pts corrupted, {dc:+.1f} pts clean"
+
+    alphas_of = lambda key: " / ".join(f"{a:g}" for a in get(key, "alpha"))  # noqa: E731
     if base[0] and get("wise", "clean_acc"):
-        dc = [100 * (w - b) for w, b in zip(get("wise", "clean_acc"), base[0])]
-        dm = [100 * (w - b) for w, b in zip(get("wise", "mean_corruption_acc"), base[1])]
-        ok = statistics.mean(dm) >= 2 and statistics.mean(dc) >= -0.5
-        lines.append(f"- Target WiSE-FT >= +2 pts mean corruption accuracy with <= 0.5 pt clean loss: {'met' if ok else 'missed'} "
-                     f"(mean {statistics.mean(dm):+.1f} pts corrupted, {statistics.mean(dc):+.1f} pts clean; a chosen on validation: "
-                     + " / ".join(f"{a:g}" for a in get("wise", "alpha")) + ").")
+        lines.append(f"- Target WiSE-FT >= +2 pts mean corruption accuracy with <= 0.5 pt clean loss: {wise_verdict('wise')}; "
+                     f"a chosen on validation: {alphas_of('wise')}).")
     if base[0] and get("wise_tol", "clean_acc"):
-        dc = [100 * (w - b) for w, b in zip(get("wise_tol", "clean_acc"), base[0])]
-        dm = [100 * (w - b) for w, b in zip(get("wise_tol", "mean_corruption_acc"), base[1])]
-        ok = statistics.mean(dm) >= 2 and statistics.mean(dc) >= -0.5
         lines.append(f"- The same target with the user rule `--tolerance {TOLERANCE:g}` (the smallest a within "
-                     f"{100 * TOLERANCE:g} pt of the best validation accuracy, a = " + " / ".join(f"{a:g}" for a in get("wise_tol", "alpha"))
-                     + f"): {'met' if ok else 'missed'} (mean {statistics.mean(dm):+.1f} pts corrupted, {statistics.mean(dc):+.1f} pts clean).")
+                     f"{100 * TOLERANCE:g} pt of the best validation accuracy, a = {alphas_of('wise_tol')}): {wise_verdict('wise_tol')}).")
     # Per corruption: where robustness was won or lost.
     names = list(records[seeds[0]]["best_single"]["per_corruption"])
-    column = lambda k: [round(100 * statistics.mean(p[c] for p in get(k, "per_corruption")), 1) for c in names]  # noqa: E731
+    columns = {k: [round(100 * statistics.mean(p[c] for p in get(k, "per_corruption")), 1) for c in names]
+               for k, _ in MODELS if get(k, "per_corruption")}
     shown: list[str] = []
     same: dict[str, list[str]] = {}  # a model whose every cell equals a column's is that model (greedy of 1 run, a = 1)
-    for key, _ in MODELS:
-        if get(key, "per_corruption"):
-            twin = next((k for k in shown if column(k) == column(key)), None)
-            same.setdefault(twin, []).append(key) if twin else shown.append(key)
+    for key, cells in columns.items():
+        twin = next((k for k in shown if columns[k] == cells), None)
+        if twin is None:
+            shown.append(key)
+        else:
+            same.setdefault(twin, []).append(key)
     lines += ["", "Mean accuracy % over severities 1-5, per corruption (mean over seeds):", "",
               "| corruption | " + " | ".join(dict(MODELS)[k] for k in shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for i, c in enumerate(names):
-        lines.append(f"| {c} | " + " | ".join(f"{column(k)[i]:.1f}" for k in shown) + " |")
+        lines.append(f"| {c} | " + " | ".join(f"{columns[k][i]:.1f}" for k in shown) + " |")
     for twin, keys in same.items():
         lines += ["", f"Not shown, the same in every cell as the {dict(MODELS)[twin]}: " + ", ".join(dict(MODELS)[k] for k in keys) + "."]
     # Robustness along the WiSE-FT path, with a = 1 (the best single run) as the reference.
