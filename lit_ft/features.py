@@ -224,7 +224,7 @@ class FeatureCache:
                 name,
                 backbone_fingerprint(backbone, head_keys)[:16],
                 fingerprint(dataset_fingerprint(dataset), repr(batch_transform), repr(preprocessing))[:16],
-                f"v{view}",
+                f"v{view}-s{seed}" if augmenting else "v0",  # a view's augmentation draws are a function of the seed
             )
         )
         feats, targets = self.store.get(

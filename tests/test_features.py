@@ -111,3 +111,17 @@ def test_a_step_unit_plan_that_unfreezes_mid_epoch_trains_on_images_from_the_sta
     trainer(tmp_path, max_epochs=1, callbacks=[kinds]).fit(model, tiny_data())
     assert kinds.kinds == {0: "images"}  # a cached epoch would give layer4 no gradient after step 2
     assert not torch.equal(before["model.layer4.0.conv1.weight"], model.state_dict()["model.layer4.0.conv1.weight"])
+
+
+def test_disk_cached_augmented_views_belong_to_their_shuffle_seed(tmp_path):
+    # Runs on the same images with another shuffle_seed draw other augmented views: a shared
+    # disk cache must not hand one run's views to the other (the same seed reuses them).
+    def run(name: str, shuffle_seed: int):
+        L.seed_everything(0)  # the same backbone weights in every run
+        model = tiny_model(freeze=LinearProbe(), cache_features=True, cache_views=2, feature_cache_dir=str(tmp_path / "cache"))
+        trainer(tmp_path / name, max_epochs=2).fit(model, tiny_data(augment=True, shuffle_seed=shuffle_seed))
+        return model.feature_cache.store.hits
+
+    assert run("a", 1)["computed"] == 3  # 2 train views + val
+    assert run("b", 1)["computed"] == 0  # all 3 from disk
+    assert run("c", 2)["computed"] == 2 and run("c2", 2)["computed"] == 0  # new views; val (not augmented) is shared
